@@ -1,0 +1,204 @@
+"""grid_sample on the GPU: forward, backward, and the atomic-free backward for deterministic mode.
+
+A 4-D call runs as a 5-D one with a depth of 1 (NDIM = 2 keeps the z arithmetic out). Every
+kernel takes strides for every tensor, so any layout (channels_last, expanded grad_output)
+runs without a copy. Programs own BLOCK_P output pixels; their sample points are computed once
+and then reused for BLOCK_C channels at a time.
+"""
+
+import triton
+import triton.language as tl
+
+from stn_triton.kernels.sampling import as_index, sample_point, tap, to_compute, unravel_pixel
+
+# Sizes are not specialized: a size of 1 would compile a kernel of its own for each such shape.
+SIZES = ["P", "C", "D", "H", "W", "OD", "OH", "OW"]
+
+
+@triton.jit
+def load_sample_points(
+    grid_ptr, n, d, h, w, mask,
+    sg_n, sg_d, sg_h, sg_w, sg_k,
+    W, H, D,
+    MODE: tl.constexpr, PADDING: tl.constexpr, ALIGN_CORNERS: tl.constexpr, NDIM: tl.constexpr, F64: tl.constexpr,
+):
+    """Read grid[n, d, h, w, :] and map it to pixel units.
+
+    Returns (x, y, z, dx/dgrid_x, dy/dgrid_y, dz/dgrid_z); z is 0 when NDIM == 2.
+    """
+    g = grid_ptr + n * sg_n + d * sg_d + h * sg_h + w * sg_w
+    x, mx = sample_point(to_compute(tl.load(g, mask=mask, other=0.0), F64), W, MODE, PADDING, ALIGN_CORNERS)
+    y, my = sample_point(to_compute(tl.load(g + sg_k, mask=mask, other=0.0), F64), H, MODE, PADDING, ALIGN_CORNERS)
+    if NDIM == 3:
+        z, mz = sample_point(
+            to_compute(tl.load(g + 2 * sg_k, mask=mask, other=0.0), F64), D, MODE, PADDING, ALIGN_CORNERS
+        )
+    else:
+        z = x * 0
+        mz = x * 0
+    return x, y, z, mx, my, mz
+
+
+@triton.jit(do_not_specialize=SIZES)
+def _grid_sample_fwd_kernel(
+    inp_ptr,  # [N, C, D_in, H_in, W_in] input (D_in = 1 for 4-D)
+    grid_ptr,  # [N, D_out, H_out, W_out, NDIM] normalized sample points, x first
+    out_ptr,  # [N, C, D_out, H_out, W_out] output
+    P,  # N * D_out * H_out * W_out: output pixels
+    C, D, H, W,  # channels and input spatial size
+    OD, OH, OW,  # output spatial size
+    si_n, si_c, si_d, si_h, si_w,  # input strides
+    sg_n, sg_d, sg_h, sg_w, sg_k,  # grid strides
+    so_n, so_c, so_d, so_h, so_w,  # output strides
+    MODE: tl.constexpr,  # BILINEAR, NEAREST or BICUBIC
+    PADDING: tl.constexpr,  # ZEROS, BORDER or REFLECTION
+    ALIGN_CORNERS: tl.constexpr,
+    NDIM: tl.constexpr,  # 2 or 3 spatial dimensions
+    TAPS: tl.constexpr,  # input pixels read per output pixel: 1 nearest, 4 / 8 bilinear, 16 bicubic
+    F64: tl.constexpr,  # compute in float64 (float64 tensors) instead of float32
+    INDEX_64: tl.constexpr,  # some tensor has 2^31 elements or more
+    BLOCK_P: tl.constexpr,  # output pixels per program
+    BLOCK_C: tl.constexpr,  # channels per program
+):
+    p = as_index(tl.program_id(0), INDEX_64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < P
+    n, od, oh, ow = unravel_pixel(p, OD, OH, OW)
+    x, y, z, _, _, _ = load_sample_points(
+        grid_ptr, n, od, oh, ow, p_mask, sg_n, sg_d, sg_h, sg_w, sg_k, W, H, D, MODE, PADDING, ALIGN_CORNERS, NDIM, F64
+    )
+    c = as_index(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), INDEX_64)
+    c_mask = c < C
+    inp_pix = inp_ptr + n * si_n
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=x.dtype)
+    for t in tl.static_range(TAPS):
+        xi, yi, zi, inside, weight, _, _, _ = tap(t, x, y, z, W, H, D, MODE, PADDING, ALIGN_CORNERS, NDIM)
+        offset = as_index(zi, INDEX_64) * si_d + as_index(yi, INDEX_64) * si_h + as_index(xi, INDEX_64) * si_w
+        ptrs = (inp_pix + offset)[:, None] + (c * si_c)[None, :]
+        value = tl.load(ptrs, mask=(inside & p_mask)[:, None] & c_mask[None, :], other=0.0)
+        acc += weight[:, None] * to_compute(value, F64)
+    out_pix = out_ptr + n * so_n + od * so_d + oh * so_h + ow * so_w
+    out_ptrs = out_pix[:, None] + (c * so_c)[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit(do_not_specialize=SIZES)
+def _grid_sample_bwd_kernel(
+    gout_ptr,  # [N, C, D_out, H_out, W_out] gradient of the output (any strides, 0 included)
+    inp_ptr,  # [N, C, D_in, H_in, W_in] input (read only when GRID_GRAD)
+    grid_ptr,  # [N, D_out, H_out, W_out, NDIM] normalized sample points
+    ginp_ptr,  # [N, C, D_in, H_in, W_in] zero-filled gradient of the input, accumulated atomically
+    ggrid_ptr,  # [N, D_out, H_out, W_out, NDIM] contiguous gradient of the grid (written when GRID_GRAD)
+    P, C, D, H, W, OD, OH, OW,  # as in the forward
+    sgo_n, sgo_c, sgo_d, sgo_h, sgo_w,  # grad_output strides
+    si_n, si_c, si_d, si_h, si_w,  # input strides
+    sg_n, sg_d, sg_h, sg_w, sg_k,  # grid strides
+    sgi_n, sgi_c, sgi_d, sgi_h, sgi_w,  # grad_input strides
+    MODE: tl.constexpr, PADDING: tl.constexpr, ALIGN_CORNERS: tl.constexpr, NDIM: tl.constexpr, TAPS: tl.constexpr,
+    F64: tl.constexpr, INDEX_64: tl.constexpr,
+    INPUT_GRAD: tl.constexpr,  # scatter into ginp_ptr
+    GRID_GRAD: tl.constexpr,  # write ggrid_ptr
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    p = as_index(tl.program_id(0), INDEX_64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < P
+    n, od, oh, ow = unravel_pixel(p, OD, OH, OW)
+    x, y, z, mx, my, mz = load_sample_points(
+        grid_ptr, n, od, oh, ow, p_mask, sg_n, sg_d, sg_h, sg_w, sg_k, W, H, D, MODE, PADDING, ALIGN_CORNERS, NDIM, F64
+    )
+    gout_pix = gout_ptr + n * sgo_n + od * sgo_d + oh * sgo_h + ow * sgo_w
+    inp_pix = inp_ptr + n * si_n
+    ginp_pix = ginp_ptr + n * sgi_n
+    gx = x * 0
+    gy = x * 0
+    gz = x * 0
+    for c0 in range(0, C, BLOCK_C):
+        c = as_index(c0 + tl.arange(0, BLOCK_C), INDEX_64)
+        c_mask = c < C
+        gout = tl.load(gout_pix[:, None] + (c * sgo_c)[None, :], mask=p_mask[:, None] & c_mask[None, :], other=0.0)
+        gout = to_compute(gout, F64)
+        for t in tl.static_range(TAPS):
+            xi, yi, zi, inside, weight, dwx, dwy, dwz = tap(t, x, y, z, W, H, D, MODE, PADDING, ALIGN_CORNERS, NDIM)
+            mask = (inside & p_mask)[:, None] & c_mask[None, :]
+            zi = as_index(zi, INDEX_64)
+            yi = as_index(yi, INDEX_64)
+            xi = as_index(xi, INDEX_64)
+            if INPUT_GRAD:
+                ginp_ptrs = (ginp_pix + zi * sgi_d + yi * sgi_h + xi * sgi_w)[:, None] + (c * sgi_c)[None, :]
+                tl.atomic_add(ginp_ptrs, (weight[:, None] * gout).to(ginp_ptr.dtype.element_ty), mask=mask)
+            if GRID_GRAD:
+                inp_ptrs = (inp_pix + zi * si_d + yi * si_h + xi * si_w)[:, None] + (c * si_c)[None, :]
+                value_dot_gout = tl.sum(to_compute(tl.load(inp_ptrs, mask=mask, other=0.0), F64) * gout, axis=1)
+                gx += dwx * value_dot_gout
+                gy += dwy * value_dot_gout
+                gz += dwz * value_dot_gout
+    if GRID_GRAD:
+        ggrid = ggrid_ptr + p * NDIM
+        tl.store(ggrid, (gx * mx).to(ggrid_ptr.dtype.element_ty), mask=p_mask)
+        tl.store(ggrid + 1, (gy * my).to(ggrid_ptr.dtype.element_ty), mask=p_mask)
+        if NDIM == 3:
+            tl.store(ggrid + 2, (gz * mz).to(ggrid_ptr.dtype.element_ty), mask=p_mask)
+
+
+@triton.jit(do_not_specialize=["P", "D", "H", "W", "OD", "OH", "OW"])
+def _grid_sample_taps_kernel(
+    grid_ptr,  # [N, D_out, H_out, W_out, NDIM] normalized sample points
+    key_ptr,  # [P, TAPS] int64 out: n * D*H*W + flat input pixel of each tap, -1 where it misses
+    weight_ptr,  # [P, TAPS] out: each tap's weight
+    P, D, H, W, OD, OH, OW,
+    sg_n, sg_d, sg_h, sg_w, sg_k,
+    MODE: tl.constexpr, PADDING: tl.constexpr, ALIGN_CORNERS: tl.constexpr, NDIM: tl.constexpr, TAPS: tl.constexpr,
+    F64: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """List every (output pixel, tap) pair with its target input pixel, for the sorted backward."""
+    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < P
+    n, od, oh, ow = unravel_pixel(p, OD, OH, OW)
+    x, y, z, _, _, _ = load_sample_points(
+        grid_ptr, n, od, oh, ow, p_mask, sg_n, sg_d, sg_h, sg_w, sg_k, W, H, D, MODE, PADDING, ALIGN_CORNERS, NDIM, F64
+    )
+    for t in tl.static_range(TAPS):
+        xi, yi, zi, inside, weight, _, _, _ = tap(t, x, y, z, W, H, D, MODE, PADDING, ALIGN_CORNERS, NDIM)
+        flat = ((n * D + zi) * H + yi) * W + xi
+        tl.store(key_ptr + p * TAPS + t, tl.where(inside, flat, -1), mask=p_mask)
+        tl.store(weight_ptr + p * TAPS + t, weight.to(weight_ptr.dtype.element_ty), mask=p_mask)
+
+
+@triton.jit(do_not_specialize=["E", "C", "D", "H", "W", "OD", "OH", "OW"])
+def _grid_sample_bwd_sorted_kernel(
+    gout_ptr,  # [N, C, D_out, H_out, W_out] gradient of the output
+    ginp_ptr,  # [N, C, D_in, H_in, W_in] zero-filled gradient of the input, each pixel written once
+    sorted_key_ptr,  # [E] tap keys sorted ascending (stable), -1 first
+    order_ptr,  # [E] position of each sorted key in the unsorted [P, TAPS] list
+    run_end_ptr,  # [E] one past the last position holding the same key
+    weight_ptr,  # [P, TAPS] tap weights
+    E, C, D, H, W, OD, OH, OW,
+    sgo_n, sgo_c, sgo_d, sgo_h, sgo_w,  # grad_output strides
+    sgi_n, sgi_c, sgi_d, sgi_h, sgi_w,  # grad_input strides
+    TAPS: tl.constexpr, F64: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad_input without atomics: the first entry of each run of equal keys sums the run, in order.
+
+    The order of the sorted list is fixed by the stable sort, so the sums are bitwise reproducible.
+    """
+    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_mask = e < E
+    key = tl.load(sorted_key_ptr + e, mask=e_mask, other=-1)
+    previous = tl.load(sorted_key_ptr + e - 1, mask=e_mask & (e > 0), other=-1)
+    first = e_mask & (key >= 0) & ((key != previous) | (e == 0))
+    run_end = tl.load(run_end_ptr + e, mask=first, other=0)
+    run_end = tl.where(first, run_end, e)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    acc = to_compute(tl.zeros([BLOCK_E, BLOCK_C], dtype=tl.float32), F64)
+    longest = tl.max(run_end - e, axis=0)
+    for j in range(0, longest):
+        entry_mask = first & (e + j < run_end)
+        entry = tl.load(order_ptr + e + j, mask=entry_mask, other=0)
+        weight = to_compute(tl.load(weight_ptr + entry, mask=entry_mask, other=0.0), F64)
+        n, od, oh, ow = unravel_pixel(entry // TAPS, OD, OH, OW)
+        gout_pix = gout_ptr + n * sgo_n + od * sgo_d + oh * sgo_h + ow * sgo_w
+        gout = tl.load(gout_pix[:, None] + (c * sgo_c)[None, :], mask=entry_mask[:, None] & c_mask[None, :], other=0.0)
+        acc += weight[:, None] * to_compute(gout, F64)
+    n, zi, yi, xi = unravel_pixel(tl.where(first, key, 0), D, H, W)
+    ginp_pix = ginp_ptr + n * sgi_n + zi * sgi_d + yi * sgi_h + xi * sgi_w
+    tl.store(ginp_pix[:, None] + (c * sgi_c)[None, :], acc.to(ginp_ptr.dtype.element_ty), mask=first[:, None] & c_mask[None, :])

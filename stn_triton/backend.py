@@ -1,0 +1,33 @@
+"""Which implementation runs a call: compiled Triton, the Triton interpreter, or plain PyTorch."""
+
+import os
+
+import torch
+
+TRITON = "triton"
+INTERPRETER = "interpreter"
+TORCH = "torch"
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    try:
+        import triton
+
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # triton < 3.4 has no knobs; it reads the environment itself
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend(tensor: torch.Tensor) -> str:
+    """The implementation a call on ``tensor`` takes.
+
+    ``"triton"`` for a CUDA tensor (compiled kernels), ``"interpreter"`` for a CPU tensor
+    while ``TRITON_INTERPRET=1`` (the same kernels, run by Triton's interpreter), and
+    ``"torch"`` otherwise (a plain PyTorch implementation).
+    """
+    if tensor.is_cuda:
+        return TRITON
+    if tensor.device.type == "cpu" and interpreting():
+        return INTERPRETER
+    return TORCH
