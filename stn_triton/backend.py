@@ -9,14 +9,23 @@ INTERPRETER = "interpreter"
 TORCH = "torch"
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run in Triton's interpreter (``TRITON_INTERPRET=1``)."""
+def _interpreting() -> bool:
     try:
         import triton
 
         return bool(triton.knobs.runtime.interpret)
     except AttributeError:  # triton < 3.4 has no knobs; it reads the environment itself
         return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Read once, at import: Triton decides at the same moment, when it decorates the kernels, whether
+# they run in the interpreter. A constant also keeps backend() traceable by torch.compile.
+INTERPRETING = _interpreting()
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return INTERPRETING
 
 
 def backend(tensor: torch.Tensor) -> str:
@@ -28,6 +37,6 @@ def backend(tensor: torch.Tensor) -> str:
     """
     if tensor.is_cuda:
         return TRITON
-    if tensor.device.type == "cpu" and interpreting():
+    if tensor.device.type == "cpu" and INTERPRETING:
         return INTERPRETER
     return TORCH

@@ -104,8 +104,8 @@ def affine_grid(theta: torch.Tensor, size: Sequence[int], align_corners: bool = 
         )
     if theta.shape[0] != size[0]:
         raise ValueError(f"theta's batch size {theta.shape[0]} must equal size[0], got size {tuple(size)}")
-    if any(s < 0 for s in size):
-        raise ValueError(f"size must not hold negative entries, got {tuple(size)}")
+    if any(s <= 0 for s in size):
+        raise ValueError(f"size must hold positive entries (as F.affine_grid requires), got {tuple(size)}")
     _check_align_corners(align_corners)
     if backend(theta) == TORCH:
         return F.affine_grid(theta, list(size), align_corners=align_corners)

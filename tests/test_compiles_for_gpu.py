@@ -1,0 +1,84 @@
+"""The kernels compile for Hopper (sm_90) with ptxas, without a GPU.
+
+The interpreter runs kernels as numpy and so never sees what only the compiler checks: types
+that do not unify across branches, constexpr misuse, unsupported casts or atomics. Compiling
+representative variants through Triton's real pipeline (to PTX and cubin) catches those on a
+CPU-only machine. Compilation needs the interpreter off, so it runs in a subprocess.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+
+# (kernel, pointer dtypes, constexprs): one variant per mode, padding, dimension, dtype and path.
+SAMPLE = dict(PADDING=0, ALIGN_CORNERS=False, F64=False, INDEX_64=False, BLOCK_P=64, BLOCK_C=16)
+VARIANTS = [
+    ("grid_sample", "_grid_sample_fwd_kernel", dict(inp_ptr="fp32", grid_ptr="fp32", out_ptr="fp32"),
+     dict(SAMPLE, MODE=0, NDIM=2, TAPS=4)),
+    ("grid_sample", "_grid_sample_fwd_kernel", dict(inp_ptr="bf16", grid_ptr="bf16", out_ptr="bf16"),
+     dict(SAMPLE, MODE=2, NDIM=2, TAPS=16, PADDING=2, ALIGN_CORNERS=True)),
+    ("grid_sample", "_grid_sample_fwd_kernel", dict(inp_ptr="fp16", grid_ptr="fp16", out_ptr="fp16"),
+     dict(SAMPLE, MODE=1, NDIM=3, TAPS=1, PADDING=1, INDEX_64=True)),
+    ("grid_sample", "_grid_sample_bwd_kernel",
+     dict(gout_ptr="fp32", inp_ptr="fp32", grid_ptr="fp32", ginp_ptr="fp32", ggrid_ptr="fp32"),
+     dict(SAMPLE, MODE=0, NDIM=3, TAPS=8, PADDING=2, INPUT_GRAD=True, GRID_GRAD=True)),
+    ("grid_sample", "_grid_sample_bwd_kernel",
+     dict(gout_ptr="fp64", inp_ptr="fp64", grid_ptr="fp64", ginp_ptr="fp64", ggrid_ptr="fp64"),
+     dict(SAMPLE, MODE=2, NDIM=2, TAPS=16, PADDING=1, F64=True, INPUT_GRAD=True, GRID_GRAD=True)),
+    ("grid_sample", "_grid_sample_taps_kernel", dict(grid_ptr="fp16", key_ptr="i64", weight_ptr="fp32"),
+     dict(MODE=0, PADDING=0, ALIGN_CORNERS=False, NDIM=2, TAPS=4, F64=False, BLOCK_P=128)),
+    ("grid_sample", "_grid_sample_bwd_sorted_kernel",
+     dict(gout_ptr="fp16", ginp_ptr="fp16", sorted_key_ptr="i64", order_ptr="i64", run_end_ptr="i64", weight_ptr="fp32"),
+     dict(TAPS=4, F64=False, BLOCK_E=64, BLOCK_C=16)),
+    ("warp", "_affine_grid_kernel", dict(theta_ptr="bf16", grid_ptr="bf16"),
+     dict(ALIGN_CORNERS=True, NDIM=3, F64=False, BLOCK_P=128)),
+    ("warp", "_affine_grid_bwd_kernel", dict(ggrid_ptr="fp32", partial_ptr="fp32"),
+     dict(ALIGN_CORNERS=False, NDIM=2, F64=False, BLOCK_P=128)),
+]
+
+
+def compile_variant(index: int) -> None:
+    """Compile VARIANTS[index] for sm_90; raises on any compiler error."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, name, pointers, constexprs = VARIANTS[index]
+    kernel = getattr(importlib.import_module(f"stn_triton.kernels.{module}"), name)
+    signature = {
+        arg: "constexpr" if arg in constexprs else "*" + pointers[arg] if arg in pointers else "i32"
+        for arg in kernel.arg_names
+    }
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"]
+
+
+def _can_compile_for_cuda() -> bool:
+    try:
+        import triton.backends.nvidia.compiler  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the compiled kernels run in the other tests")
+@pytest.mark.skipif(not _can_compile_for_cuda(), reason="this triton has no CUDA backend to compile with")
+@pytest.mark.parametrize("index", range(len(VARIANTS)), ids=[f"{v[1]}-{i}" for i, v in enumerate(VARIANTS)])
+def test_kernel_compiles_for_sm90(index):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run(
+        [sys.executable, __file__, str(index)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    compile_variant(int(sys.argv[1]))
