@@ -1,7 +1,24 @@
 """stn_triton: fused Triton kernels for spatial transformers and deformable convolution."""
 
 from stn_triton.backend import backend
-from stn_triton.functional import affine_grid, grid_sample
+from stn_triton.functional import (
+    affine_grid,
+    affine_grid_sample,
+    grid_sample,
+    perspective_grid_sample,
+    tps_grid_sample,
+    warp_affine,
+    warp_perspective,
+)
 
-__all__ = ["affine_grid", "backend", "grid_sample"]
+__all__ = [
+    "affine_grid",
+    "affine_grid_sample",
+    "backend",
+    "grid_sample",
+    "perspective_grid_sample",
+    "tps_grid_sample",
+    "warp_affine",
+    "warp_perspective",
+]
 __version__ = "0.1.0"

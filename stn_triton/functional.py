@@ -9,9 +9,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from stn_triton import reference
 from stn_triton.backend import TORCH, backend
 from stn_triton.ops import affine_grid as _affine_grid_op
 from stn_triton.ops import grid_sample as _grid_sample_op
+from stn_triton.ops import warp as _warp_op
 
 MODES = ("bilinear", "nearest", "bicubic")
 PADDING_MODES = ("zeros", "border", "reflection")
@@ -110,3 +112,195 @@ def affine_grid(theta: torch.Tensor, size: Sequence[int], align_corners: bool = 
     if backend(theta) == TORCH:
         return F.affine_grid(theta, list(size), align_corners=align_corners)
     return _affine_grid_op.affine_grid(theta, tuple(size[2:]), align_corners)
+
+
+def _check_sampling(input, mode, padding_mode, align_corners, padding_modes=PADDING_MODES, ndims=(4, 5)) -> None:
+    """The checks every sampling op makes of its input and its sampling options."""
+    _check_tensor("input", input, ndims)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "bicubic" and input.dim() == 5:
+        raise ValueError("mode='bicubic' supports only 4-D input, got a 5-D input")
+    if padding_mode not in padding_modes:
+        raise ValueError(f"padding_mode must be one of {padding_modes}, got {padding_mode!r}")
+    _check_align_corners(align_corners)
+    if any(s == 0 for s in input.shape[2:]):
+        raise ValueError(f"input must have non-empty spatial dimensions, got input of shape {tuple(input.shape)}")
+
+
+def _check_like_input(name: str, value, input: torch.Tensor, shape: tuple) -> None:
+    """value is a tensor of ``shape`` (None = any size there) with input's dtype and device."""
+    _check_tensor(name, value, (len(shape),))
+    if any(want is not None and got != want for got, want in zip(value.shape, shape)):
+        wanted = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
+        raise ValueError(f"{name} must have shape {wanted} for input of shape {tuple(input.shape)}, got {tuple(value.shape)}")
+    if value.dtype != input.dtype:
+        raise TypeError(f"{name} must have input's dtype {input.dtype}, got {value.dtype}")
+    if value.device != input.device:
+        raise ValueError(f"{name} must be on input's device {input.device}, got {value.device}")
+
+
+def _output_spatial(size, input: torch.Tensor) -> tuple[int, ...]:
+    """The spatial part of ``size`` (the full output size, N and C included); input's by default."""
+    if size is None:
+        return tuple(input.shape[2:])
+    if isinstance(size, torch.Size):
+        size = tuple(size)
+    if not isinstance(size, (list, tuple)) or not all(isinstance(s, int) for s in size):
+        raise TypeError(f"size must be a sequence of ints, got {size!r}")
+    if len(size) != input.dim():
+        raise ValueError(f"size must have {input.dim()} entries (N, C, spatial...) like input, got {tuple(size)}")
+    if tuple(size[:2]) != tuple(input.shape[:2]):
+        raise ValueError(
+            f"size must start with input's batch and channels {tuple(input.shape[:2])}, got size {tuple(size)}"
+        )
+    if any(s <= 0 for s in size[2:]):
+        raise ValueError(f"size must hold positive spatial sizes, got {tuple(size)}")
+    return tuple(size[2:])
+
+
+def affine_grid_sample(
+    input: torch.Tensor,
+    theta: torch.Tensor,
+    size: Sequence[int] | None = None,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+    align_corners: bool = False,
+) -> torch.Tensor:
+    """``grid_sample(input, affine_grid(theta, size))`` in one pass: the grid is never stored.
+
+    input ``[N, C, H, W]`` with theta ``[N, 2, 3]``, or ``[N, C, D, H, W]`` with theta
+    ``[N, 3, 4]``; size is the full output size ``(N, C, *spatial)``, input's by default.
+    Returns ``[N, C, *spatial]``. Gradients for input and theta.
+    """
+    _check_sampling(input, mode, padding_mode, align_corners)
+    nd = input.dim() - 2
+    _check_like_input("theta", theta, input, (input.shape[0], nd, nd + 1))
+    spatial = _output_spatial(size, input)
+    if backend(input) == TORCH:
+        return reference.affine_grid_sample(input, theta, spatial, mode, padding_mode, align_corners)
+    return _warp_op.affine_grid_sample(input, theta, spatial, mode, padding_mode, align_corners)
+
+
+def perspective_grid_sample(
+    input: torch.Tensor,
+    homography: torch.Tensor,
+    size: Sequence[int] | None = None,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+    align_corners: bool = False,
+) -> torch.Tensor:
+    """Sample ``[N, C, H, W]`` input through a projective map, in one pass.
+
+    Output pixel (x, y), normalized as ``affine_grid`` places it, samples the input at
+    ``(H @ [x, y, 1])`` divided by its third coordinate (a zero there makes the point
+    non-finite, which samples nothing). homography ``[N, 3, 3]``. Gradients for input and homography.
+    """
+    _check_sampling(input, mode, padding_mode, align_corners, ndims=(4,))
+    _check_like_input("homography", homography, input, (input.shape[0], 3, 3))
+    spatial = _output_spatial(size, input)
+    if backend(input) == TORCH:
+        return reference.perspective_grid_sample(input, homography, spatial, mode, padding_mode, align_corners)
+    return _warp_op.perspective_grid_sample(input, homography, spatial, mode, padding_mode, align_corners)
+
+
+def tps_grid_sample(
+    input: torch.Tensor,
+    source_points: torch.Tensor,
+    control_points: torch.Tensor | None = None,
+    size: Sequence[int] | None = None,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+    align_corners: bool = False,
+) -> torch.Tensor:
+    """Sample ``[N, C, H, W]`` input through a thin-plate spline, in one pass.
+
+    The spline f maps output locations to input locations (normalized coordinates, x first) with
+    ``f(control_points[k]) = source_points[n, k]`` and the least bending energy:
+    ``f(p) = a0 + a1 x + a2 y + sum_k w_k U(|p - c_k|^2)``, ``U(d) = d log d``. source_points
+    ``[N, K, 2]``; control_points ``[K, 2]``, by default a regular sqrt(K) x sqrt(K) grid over
+    [-1, 1]^2 (x fastest). The (K + 3)-square system is solved on the host with differentiable
+    torch ops; the spline is evaluated per pixel in the kernel. Gradients for input and source_points.
+    """
+    _check_sampling(input, mode, padding_mode, align_corners, ndims=(4,))
+    if not isinstance(source_points, torch.Tensor) or source_points.dim() != 3:
+        _check_tensor("source_points", source_points, (3,))
+    _check_like_input("source_points", source_points, input, (input.shape[0], None, 2))
+    k = source_points.shape[1]
+    if control_points is None:
+        control_points = reference.regular_control_points(k, input.dtype, input.device)
+    else:
+        _check_tensor("control_points", control_points, (2,))
+        if tuple(control_points.shape) != (k, 2):
+            raise ValueError(
+                f"control_points must have shape [K, 2] with K = {k} (source_points' K), got {tuple(control_points.shape)}"
+            )
+        if control_points.device != input.device:
+            raise ValueError(f"control_points must be on input's device {input.device}, got {control_points.device}")
+        control_points = control_points.to(input.dtype)
+    if k < 3:
+        raise ValueError(f"source_points must hold at least 3 points (K >= 3) to fix the affine part, got K = {k}")
+    spatial = _output_spatial(size, input)
+    if backend(input) == TORCH:
+        return reference.tps_grid_sample(input, source_points, control_points, spatial, mode, padding_mode, align_corners)
+    return _warp_op.tps_grid_sample(input, source_points, control_points, spatial, mode, padding_mode, align_corners)
+
+
+def _check_pixel_warp(src, M, matrix_shape, dsize, mode, padding_mode, align_corners, fill_value):
+    _check_sampling(src, mode, padding_mode, align_corners, PADDING_MODES + ("fill",), ndims=(4,))
+    _check_like_input("M", M, src, (src.shape[0], *matrix_shape))
+    if not isinstance(dsize, (list, tuple, torch.Size)) or len(dsize) != 2 or not all(
+        isinstance(s, int) and s > 0 for s in dsize
+    ):
+        raise ValueError(f"dsize must be (height, width), two positive ints, got {dsize!r}")
+    if fill_value is None:
+        return torch.zeros(src.shape[1], dtype=src.dtype, device=src.device)
+    if not isinstance(fill_value, torch.Tensor):
+        fill_value = torch.as_tensor(fill_value, dtype=src.dtype, device=src.device)
+    if fill_value.dim() != 1 or fill_value.shape[0] != src.shape[1]:
+        raise ValueError(f"fill_value must hold one value per channel ({src.shape[1]}), got shape {tuple(fill_value.shape)}")
+    if fill_value.requires_grad:
+        raise ValueError("fill_value must not require grad: it is a constant of the warp")
+    return fill_value.to(device=src.device, dtype=src.dtype)
+
+
+def warp_affine(
+    src: torch.Tensor,
+    M: torch.Tensor,
+    dsize: tuple[int, int],
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+    align_corners: bool = True,
+    fill_value: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``kornia.geometry.transform.warp_affine`` in one pass.
+
+    src ``[B, C, H, W]``; M ``[B, 2, 3]`` maps source pixels to destination pixels; dsize
+    ``(h, w)`` of the output. padding_mode ``fill`` fills outside with ``fill_value`` ``[C]``
+    (zeros by default), blended by the sampling weights as kornia does, in the same single pass.
+    Gradients for src and M.
+    """
+    fill = _check_pixel_warp(src, M, (2, 3), dsize, mode, padding_mode, align_corners, fill_value)
+    if backend(src) == TORCH:
+        return reference.warp_affine(src, M, tuple(dsize), mode, padding_mode, align_corners, fill)
+    return _warp_op.warp_affine(src, M, tuple(dsize), mode, padding_mode, align_corners, fill)
+
+
+def warp_perspective(
+    src: torch.Tensor,
+    M: torch.Tensor,
+    dsize: tuple[int, int],
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+    align_corners: bool = True,
+    fill_value: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``kornia.geometry.transform.warp_perspective`` in one pass.
+
+    src ``[B, C, H, W]``; M ``[B, 3, 3]`` maps source pixels to destination pixels; the rest as
+    ``warp_affine``. Gradients for src and M.
+    """
+    fill = _check_pixel_warp(src, M, (3, 3), dsize, mode, padding_mode, align_corners, fill_value)
+    if backend(src) == TORCH:
+        return reference.warp_perspective(src, M, tuple(dsize), mode, padding_mode, align_corners, fill)
+    return _warp_op.warp_perspective(src, M, tuple(dsize), mode, padding_mode, align_corners, fill)

@@ -16,23 +16,37 @@ import torch
 ON_GPU = torch.cuda.is_available()
 
 # (kernel, pointer dtypes, constexprs): one variant per mode, padding, dimension, dtype and path.
-SAMPLE = dict(PADDING=0, ALIGN_CORNERS=False, F64=False, INDEX_64=False, BLOCK_P=64, BLOCK_C=16)
+SAMPLE = dict(TRANSFORM=0, PADDING=0, FILL=False, ALIGN_CORNERS=False, F64=False, INDEX_64=False, BLOCK_P=64, BLOCK_C=16)
+FWD = "_sample_fwd_kernel"
+BWD = "_sample_bwd_kernel"
+FWD_POINTERS = dict(inp_ptr="fp32", coords_ptr="fp32", ctrl_ptr="fp32", fill_ptr="fp32", out_ptr="fp32")
+BWD_POINTERS = dict(gout_ptr="fp32", inp_ptr="fp32", coords_ptr="fp32", ctrl_ptr="fp32", fill_ptr="fp32",
+                    ginp_ptr="fp32", gcoords_ptr="fp32")
+
+
+def _typed(pointers: dict, dtype: str, **overrides) -> dict:
+    return {**{name: dtype for name in pointers}, **overrides}
+
+
 VARIANTS = [
-    ("grid_sample", "_grid_sample_fwd_kernel", dict(inp_ptr="fp32", grid_ptr="fp32", out_ptr="fp32"),
-     dict(SAMPLE, MODE=0, NDIM=2, TAPS=4)),
-    ("grid_sample", "_grid_sample_fwd_kernel", dict(inp_ptr="bf16", grid_ptr="bf16", out_ptr="bf16"),
-     dict(SAMPLE, MODE=2, NDIM=2, TAPS=16, PADDING=2, ALIGN_CORNERS=True)),
-    ("grid_sample", "_grid_sample_fwd_kernel", dict(inp_ptr="fp16", grid_ptr="fp16", out_ptr="fp16"),
-     dict(SAMPLE, MODE=1, NDIM=3, TAPS=1, PADDING=1, INDEX_64=True)),
-    ("grid_sample", "_grid_sample_bwd_kernel",
-     dict(gout_ptr="fp32", inp_ptr="fp32", grid_ptr="fp32", ginp_ptr="fp32", ggrid_ptr="fp32"),
-     dict(SAMPLE, MODE=0, NDIM=3, TAPS=8, PADDING=2, INPUT_GRAD=True, GRID_GRAD=True)),
-    ("grid_sample", "_grid_sample_bwd_kernel",
-     dict(gout_ptr="fp64", inp_ptr="fp64", grid_ptr="fp64", ginp_ptr="fp64", ggrid_ptr="fp64"),
-     dict(SAMPLE, MODE=2, NDIM=2, TAPS=16, PADDING=1, F64=True, INPUT_GRAD=True, GRID_GRAD=True)),
-    ("grid_sample", "_grid_sample_taps_kernel", dict(grid_ptr="fp16", key_ptr="i64", weight_ptr="fp32"),
-     dict(MODE=0, PADDING=0, ALIGN_CORNERS=False, NDIM=2, TAPS=4, F64=False, BLOCK_P=128)),
-    ("grid_sample", "_grid_sample_bwd_sorted_kernel",
+    ("grid_sample", FWD, FWD_POINTERS, dict(SAMPLE, MODE=0, NDIM=2, TAPS=4)),
+    ("grid_sample", FWD, _typed(FWD_POINTERS, "bf16", ctrl_ptr="fp32"),
+     dict(SAMPLE, TRANSFORM=3, MODE=2, NDIM=2, TAPS=16, PADDING=2, ALIGN_CORNERS=True)),
+    ("grid_sample", FWD, _typed(FWD_POINTERS, "fp16"), dict(SAMPLE, MODE=1, NDIM=3, TAPS=1, PADDING=1, INDEX_64=True)),
+    ("grid_sample", FWD, _typed(FWD_POINTERS, "fp16", coords_ptr="fp32"),
+     dict(SAMPLE, TRANSFORM=2, MODE=0, NDIM=2, TAPS=4, FILL=True)),
+    ("grid_sample", BWD, BWD_POINTERS, dict(SAMPLE, MODE=0, NDIM=3, TAPS=8, PADDING=2, INPUT_GRAD=True, COORD_GRAD=True)),
+    ("grid_sample", BWD, _typed(BWD_POINTERS, "fp64"),
+     dict(SAMPLE, MODE=2, NDIM=2, TAPS=16, PADDING=1, F64=True, INPUT_GRAD=True, COORD_GRAD=True)),
+    ("grid_sample", BWD, _typed(BWD_POINTERS, "bf16", ginp_ptr="fp32", coords_ptr="fp32", gcoords_ptr="fp32"),
+     dict(SAMPLE, TRANSFORM=1, MODE=0, NDIM=3, TAPS=8, INPUT_GRAD=True, COORD_GRAD=True)),
+    ("grid_sample", BWD, _typed(BWD_POINTERS, "fp32"),
+     dict(SAMPLE, TRANSFORM=2, MODE=0, NDIM=2, TAPS=4, FILL=True, INPUT_GRAD=False, COORD_GRAD=True)),
+    ("grid_sample", BWD, _typed(BWD_POINTERS, "fp32"),
+     dict(SAMPLE, TRANSFORM=3, MODE=0, NDIM=2, TAPS=4, INPUT_GRAD=True, COORD_GRAD=True)),
+    ("grid_sample", "_sample_taps_kernel", dict(coords_ptr="fp16", ctrl_ptr="fp16", key_ptr="i64", weight_ptr="fp32"),
+     dict(TRANSFORM=0, MODE=0, PADDING=0, ALIGN_CORNERS=False, NDIM=2, TAPS=4, F64=False, BLOCK_P=128)),
+    ("grid_sample", "_sample_bwd_sorted_kernel",
      dict(gout_ptr="fp16", ginp_ptr="fp16", sorted_key_ptr="i64", order_ptr="i64", run_end_ptr="i64", weight_ptr="fp32"),
      dict(TAPS=4, F64=False, BLOCK_E=64, BLOCK_C=16)),
     ("warp", "_affine_grid_kernel", dict(theta_ptr="bf16", grid_ptr="bf16"),

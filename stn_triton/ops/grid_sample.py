@@ -1,27 +1,34 @@
-"""grid_sample as torch.library ops: kernel launches, the autograd formula, the deterministic path.
+"""Sampling as torch.library ops: kernel launches, the autograd formula, the deterministic path.
 
-``stn_triton::grid_sample`` and ``stn_triton::grid_sample_backward`` are ``triton_op``s, so
-``torch.compile`` traces into their kernels and CUDA graphs capture them.
+One op pair serves grid_sample and every fused warp: ``stn_triton::sample`` takes the sample
+points either as a grid or as transform parameters (``transform`` says which; see
+kernels/warp.py) and ``stn_triton::sample_backward`` returns the gradients of the input and of
+that grid or those parameters. Both are ``triton_op``s, so ``torch.compile`` traces into their
+kernels and CUDA graphs capture them.
 
-Backward. grad_grid needs no atomics: each program reduces its own pixels over all channels.
-grad_input is a scatter (many output pixels may read one input pixel). By default it is an
-``atomic_add`` into a float32 buffer (float64 for float64), so half dtypes never accumulate in
-half. Under ``torch.use_deterministic_algorithms(True)`` it is a gather instead: one kernel lists
-every (output pixel, tap) pair with the flat index of the input pixel it touches; a stable sort
-groups the pairs by input pixel, in a fixed order; a second kernel lets the first pair of each
-group sum the group's ``weight * grad_output`` in that order and write the input pixel once.
-Same inputs, same order, same bits, on every run.
+Backward. The gradient of the points needs no atomics: each program reduces its own pixels over
+all channels (and, for a transform, over its pixels, into per-program partial sums that the host
+adds in a fixed order). grad_input is a scatter (many output pixels may read one input pixel).
+By default it is an ``atomic_add`` into a float32 buffer (float64 for float64), so half dtypes
+never accumulate in half. Under ``torch.use_deterministic_algorithms(True)`` it is a gather
+instead: one kernel lists every (output pixel, tap) pair with the flat index of the input pixel
+it touches; a stable sort groups the pairs by input pixel, in a fixed order; a second kernel lets
+the first pair of each group sum the group's ``weight * grad_output`` in that order and write the
+input pixel once. Same inputs, same order, same bits, on every run.
 """
+
+import math
+from typing import Optional
 
 import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
 from stn_triton.kernels.grid_sample import (
-    _grid_sample_bwd_kernel,
-    _grid_sample_bwd_sorted_kernel,
-    _grid_sample_fwd_kernel,
-    _grid_sample_taps_kernel,
+    _sample_bwd_kernel,
+    _sample_bwd_sorted_kernel,
+    _sample_fwd_kernel,
+    _sample_taps_kernel,
 )
 from stn_triton.ops._launch import (
     compute_dtype,
@@ -35,14 +42,16 @@ from stn_triton.tuning import INTERPRETER_PIXEL_BLOCK, autotune, pixel_block_con
 
 MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
+GRID, AFFINE, PROJECTIVE, TPS = 0, 1, 2, 3
 NEAREST = MODES["nearest"]
 BICUBIC = MODES["bicubic"]
 
-_fwd_kernel = autotune(pixel_block_configs(), INTERPRETER_PIXEL_BLOCK, key=["C", "MODE", "NDIM", "F64"])(
-    _grid_sample_fwd_kernel
+_fwd_kernel = autotune(pixel_block_configs(), INTERPRETER_PIXEL_BLOCK, key=["C", "TRANSFORM", "MODE", "NDIM", "F64"])(
+    _sample_fwd_kernel
 )
 
-# The atomic backward is not autotuned: each trial would add into grad_input again.
+# The atomic backward is not autotuned: each trial would add into grad_input again. Its block
+# also fixes how many partial sums of a transform's gradient there are.
 BWD_BLOCK_P = 64
 BWD_WARPS = 4
 TAPS_BLOCK_P = 128
@@ -59,125 +68,186 @@ def channel_block(channels: int, limit: int = 32) -> int:
     return min(triton.next_power_of_2(channels), limit)
 
 
-def _output_shape(input: torch.Tensor, grid: torch.Tensor) -> tuple[int, ...]:
-    return (input.shape[0], input.shape[1], *grid.shape[1:-1])
+def _coords_strides(coords: torch.Tensor, transform: int) -> tuple[int, ...]:
+    """Strides the kernels take for the points: the grid's (n, d, h, w, k) or the parameters' (n, row, col)."""
+    return grid_strides(coords) if transform == GRID else (*coords.stride(), 0, 0)
 
 
-@triton_op("stn_triton::grid_sample", mutates_args=())
-def grid_sample_op(input: torch.Tensor, grid: torch.Tensor, mode: int, padding_mode: int, align_corners: bool) -> torch.Tensor:
-    """[N, C, (D,) H, W] input sampled at grid [N, (D',) H', W', ndim] -> [N, C, (D',) H', W']."""
-    out = empty_like_layout(input, _output_shape(input, grid))
+def _spatial(size: list[int]) -> tuple[int, int, int]:
+    return tuple(size) if len(size) == 3 else (1, *size)
+
+
+def _common(input, coords, control_points, fill, size, transform, mode, padding_mode, align_corners) -> dict:
+    """The launch arguments every sampling kernel shares."""
     ndim = input.dim() - 2
-    pixels = grid.numel() // ndim
+    return dict(
+        args=(coords, control_points if control_points is not None else coords, fill if fill is not None else coords),
+        sizes=(*spatial_size(input), *_spatial(size), 0 if control_points is None else control_points.shape[0]),
+        strides=_coords_strides(coords, transform),
+        meta=dict(TRANSFORM=transform, MODE=mode, PADDING=padding_mode, ALIGN_CORNERS=align_corners, NDIM=ndim,
+                  TAPS=num_taps(mode, ndim), F64=input.dtype == torch.float64),
+        fill=fill is not None,
+    )
+
+
+@triton_op("stn_triton::sample", mutates_args=())
+def sample_op(
+    input: torch.Tensor,
+    coords: torch.Tensor,
+    control_points: Optional[torch.Tensor],
+    fill: Optional[torch.Tensor],
+    size: list[int],
+    transform: int,
+    mode: int,
+    padding_mode: int,
+    align_corners: bool,
+) -> torch.Tensor:
+    """[N, C, (D,) H, W] input sampled at the points of ``coords`` -> [N, C, *size].
+
+    coords: a grid [N, *size, ndim] (transform GRID), theta [N, ndim, ndim + 1] (AFFINE), a
+    homography [N, 3, 3] (PROJECTIVE) or spline coefficients [N, K + 3, 2] over control_points
+    [K, 2] (TPS). fill [C]: kornia's 'fill' padding on top of zeros padding.
+    """
+    out = empty_like_layout(input, (*input.shape[:2], *size))
+    pixels_per_image = math.prod(size)
     channels = input.shape[1]
     if out.numel() == 0:
         return out
     block_c = channel_block(channels)
-    launch = lambda meta: (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(channels, block_c))  # noqa: E731
+    common = _common(input, coords, control_points, fill, size, transform, mode, padding_mode, align_corners)
+    launch = lambda meta: (input.shape[0] * triton.cdiv(pixels_per_image, meta["BLOCK_P"]), triton.cdiv(channels, block_c))  # noqa: E731
     wrap_triton(_fwd_kernel)[launch](
-        input, grid, out,
-        pixels, channels, *spatial_size(input), *spatial_size(out),
-        *spatial_strides(input), *grid_strides(grid), *spatial_strides(out),
-        MODE=mode, PADDING=padding_mode, ALIGN_CORNERS=align_corners, NDIM=ndim, TAPS=num_taps(mode, ndim),
-        F64=input.dtype == torch.float64, INDEX_64=needs_int64(input, grid, out), BLOCK_C=block_c,
+        input, *common["args"], out,
+        pixels_per_image, channels, *common["sizes"],
+        *spatial_strides(input), *common["strides"], *spatial_strides(out),
+        FILL=common["fill"], INDEX_64=needs_int64(input, coords, out), BLOCK_C=block_c, **common["meta"],
     )
     return out
 
 
-@triton_op("stn_triton::grid_sample_backward", mutates_args=())
-def grid_sample_backward_op(
+@triton_op("stn_triton::sample_backward", mutates_args=())
+def sample_backward_op(
     grad_output: torch.Tensor,
     input: torch.Tensor,
-    grid: torch.Tensor,
+    coords: torch.Tensor,
+    control_points: Optional[torch.Tensor],
+    fill: Optional[torch.Tensor],
+    size: list[int],
+    transform: int,
     mode: int,
     padding_mode: int,
     align_corners: bool,
     input_grad: bool,
-    grid_grad: bool,
+    coords_grad: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_input, grad_grid); a gradient not asked for comes back as an empty tensor."""
+    """(grad_input, grad_coords); a gradient not asked for comes back as an empty tensor."""
+    n, channels = input.shape[:2]
     ndim = input.dim() - 2
-    channels = input.shape[1]
-    pixels = grid.numel() // ndim
-    grid_grad = grid_grad and mode != NEAREST  # nearest is piecewise constant in the grid
-    grad_grid = torch.zeros(grid.shape, dtype=grid.dtype, device=grid.device) if grid_grad else grid.new_empty(0)
+    pixels_per_image = math.prod(size)
+    programs = n * triton.cdiv(pixels_per_image, BWD_BLOCK_P)
+    coords_grad = coords_grad and mode != NEAREST  # nearest is piecewise constant in the points
+    grad_coords = _coords_grad_buffer(coords, transform, programs, ndim) if coords_grad else coords.new_empty(0)
     atomic_input_grad = input_grad and not deterministic
     if atomic_input_grad:
         grad_input = torch.zeros_like(input, dtype=compute_dtype(input.dtype), memory_format=torch.preserve_format)
     else:
         grad_input = input.new_empty(0)
-    taps = num_taps(mode, ndim)
-    common = dict(MODE=mode, PADDING=padding_mode, ALIGN_CORNERS=align_corners, NDIM=ndim, TAPS=taps,
-                  F64=input.dtype == torch.float64)
-    if pixels > 0 and channels > 0 and (atomic_input_grad or grid_grad):
+    common = _common(input, coords, control_points, fill, size, transform, mode, padding_mode, align_corners)
+    if programs > 0 and channels > 0 and (atomic_input_grad or coords_grad):
         # grad_input is allocated above only when it is written, so stand in input for its pointer.
         grad_input_arg = grad_input if atomic_input_grad else input
-        wrap_triton(_grid_sample_bwd_kernel)[(triton.cdiv(pixels, BWD_BLOCK_P),)](
-            grad_output, input, grid, grad_input_arg, grad_grid,
-            pixels, channels, *spatial_size(input), *spatial_size(grad_output),
-            *spatial_strides(grad_output), *spatial_strides(input), *grid_strides(grid),
+        wrap_triton(_sample_bwd_kernel)[(programs,)](
+            grad_output, input, *common["args"], grad_input_arg, grad_coords,
+            pixels_per_image, channels, *common["sizes"],
+            *spatial_strides(grad_output), *spatial_strides(input), *common["strides"],
             *spatial_strides(grad_input_arg),
-            INDEX_64=needs_int64(grad_output, input, grid, grad_input_arg, grad_grid),
-            INPUT_GRAD=atomic_input_grad, GRID_GRAD=grid_grad,
-            BLOCK_P=BWD_BLOCK_P, BLOCK_C=channel_block(channels), num_warps=BWD_WARPS, **common,
+            FILL=common["fill"], INDEX_64=needs_int64(grad_output, input, coords, grad_input_arg, grad_coords),
+            INPUT_GRAD=atomic_input_grad, COORD_GRAD=coords_grad,
+            BLOCK_P=BWD_BLOCK_P, BLOCK_C=channel_block(channels), num_warps=BWD_WARPS, **common["meta"],
         )
     if atomic_input_grad:
         grad_input = grad_input.to(input.dtype)
     elif input_grad:
-        grad_input = _deterministic_grad_input(grad_output, input, grid, taps, common)
-    return grad_input, grad_grid
+        grad_input = _deterministic_grad_input(grad_output, input, pixels_per_image, common)
+    if coords_grad:
+        grad_coords = _finish_coords_grad(grad_coords, coords, transform, n, ndim)
+    return grad_input, grad_coords
 
 
-def _deterministic_grad_input(grad_output, input, grid, taps, common) -> torch.Tensor:
+def _coords_grad_buffer(coords: torch.Tensor, transform: int, programs: int, ndim: int) -> torch.Tensor:
+    """What the backward kernel writes the points' gradient into (see warp.store_transform_grad)."""
+    if transform == GRID:
+        return torch.zeros(coords.shape, dtype=coords.dtype, device=coords.device)
+    rows = (coords.shape[1], 2) if transform == TPS else (4, 4)
+    return torch.zeros((programs, *rows), dtype=compute_dtype(coords.dtype), device=coords.device)
+
+
+def _finish_coords_grad(buffer: torch.Tensor, coords: torch.Tensor, transform: int, n: int, ndim: int) -> torch.Tensor:
+    """Add the per-program partial sums of a transform's gradient (in program order) and shape them."""
+    if transform == GRID:
+        return buffer
+    per_image = buffer.view(n, -1, *buffer.shape[1:]).sum(dim=1)
+    if transform != TPS:
+        per_image = per_image[:, : coords.shape[1], : coords.shape[2]]
+    return per_image.to(coords.dtype)
+
+
+def _deterministic_grad_input(grad_output, input, pixels_per_image: int, common: dict) -> torch.Tensor:
     """grad_input by sorting the taps by target pixel and summing each run in order (no atomics)."""
-    ndim = input.dim() - 2
-    pixels = grid.numel() // ndim
     grad_input = torch.zeros_like(input, memory_format=torch.preserve_format)
-    entries = pixels * taps
-    if entries == 0 or input.shape[1] == 0:
+    n, channels = input.shape[:2]
+    taps = common["meta"]["TAPS"]
+    entries = n * pixels_per_image * taps
+    if entries == 0 or channels == 0:
         return grad_input
     keys = torch.empty(entries, dtype=torch.int64, device=input.device)
     weights = torch.empty(entries, dtype=compute_dtype(input.dtype), device=input.device)
-    wrap_triton(_grid_sample_taps_kernel)[(triton.cdiv(pixels, TAPS_BLOCK_P),)](
-        grid, keys, weights,
-        pixels, *spatial_size(input), *spatial_size(grad_output), *grid_strides(grid),
-        BLOCK_P=TAPS_BLOCK_P, **common,
+    wrap_triton(_sample_taps_kernel)[(n * triton.cdiv(pixels_per_image, TAPS_BLOCK_P),)](
+        *common["args"][:2], keys, weights,
+        pixels_per_image, *common["sizes"], *common["strides"],
+        BLOCK_P=TAPS_BLOCK_P, **common["meta"],
     )
     sorted_keys, order = torch.sort(keys, stable=True)
     run_end = torch.searchsorted(sorted_keys, sorted_keys, right=True)
-    channels = input.shape[1]
     block_c = channel_block(channels)
-    wrap_triton(_grid_sample_bwd_sorted_kernel)[(triton.cdiv(entries, SORTED_BLOCK_E), triton.cdiv(channels, block_c))](
+    wrap_triton(_sample_bwd_sorted_kernel)[(triton.cdiv(entries, SORTED_BLOCK_E), triton.cdiv(channels, block_c))](
         grad_output, grad_input, sorted_keys, order, run_end, weights,
-        entries, channels, *spatial_size(input), *spatial_size(grad_output),
+        entries, channels, *common["sizes"][:-1],
         *spatial_strides(grad_output), *spatial_strides(grad_input),
-        TAPS=taps, F64=common["F64"], BLOCK_E=SORTED_BLOCK_E, BLOCK_C=block_c,
+        TAPS=taps, F64=common["meta"]["F64"], BLOCK_E=SORTED_BLOCK_E, BLOCK_C=block_c,
     )
     return grad_input
 
 
 def _setup_context(ctx, inputs, output):
-    input, grid, mode, padding_mode, align_corners = inputs
-    ctx.save_for_backward(input, grid)
-    ctx.mode, ctx.padding_mode, ctx.align_corners = mode, padding_mode, align_corners
+    input, coords, control_points, fill, size, transform, mode, padding_mode, align_corners = inputs
+    ctx.save_for_backward(input, coords, control_points, fill)
+    ctx.options = (size, transform, mode, padding_mode, align_corners)
 
 
 def _backward(ctx, grad_output):
-    input, grid = ctx.saved_tensors
-    input_grad, grid_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_input, grad_grid = grid_sample_backward_op(
-        grad_output, input, grid, ctx.mode, ctx.padding_mode, ctx.align_corners,
-        input_grad, grid_grad, torch.are_deterministic_algorithms_enabled(),
+    input, coords, control_points, fill = ctx.saved_tensors
+    input_grad, coords_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_input, grad_coords = sample_backward_op(
+        grad_output, input, coords, control_points, fill, *ctx.options,
+        input_grad, coords_grad, torch.are_deterministic_algorithms_enabled(),
     )
-    if grid_grad and grad_grid.numel() != grid.numel():
-        grad_grid = torch.zeros_like(grid)
-    return (grad_input if input_grad else None), (grad_grid if grid_grad else None), None, None, None
+    if coords_grad and grad_coords.numel() != coords.numel():
+        grad_coords = torch.zeros_like(coords)
+    return (grad_input if input_grad else None), (grad_coords if coords_grad else None), *([None] * 7)
 
 
-grid_sample_op.register_autograd(_backward, setup_context=_setup_context)
+sample_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sample(input, coords, control_points, fill, size, transform, mode: str, padding_mode: str, align_corners: bool):
+    """The sampling op on validated arguments, modes and paddings by name."""
+    return sample_op(
+        input, coords, control_points, fill, list(size), transform, MODES[mode], PADDING_MODES[padding_mode], align_corners
+    )
 
 
 def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str, align_corners: bool) -> torch.Tensor:
     """The Triton grid_sample on validated arguments (see ``stn_triton.functional.grid_sample``)."""
-    return grid_sample_op(input, grid, MODES[mode], PADDING_MODES[padding_mode], align_corners)
+    return sample(input, grid, None, None, grid.shape[1:-1], GRID, mode, padding_mode, align_corners)
