@@ -12,7 +12,7 @@ BLOCK_C channels at a time.
 import triton
 import triton.language as tl
 
-from stn_triton.kernels.sampling import as_index, sample_point, tap, to_compute, unravel_pixel
+from stn_triton.kernels.sampling import as_index, sample_point, sorted_runs, tap, to_compute, unravel_pixel
 from stn_triton.kernels.warp import store_transform_grad, transform_points
 
 # Sizes are not specialized: a size of 1 would compile a kernel of its own for each such shape.
@@ -210,17 +210,10 @@ def _sample_bwd_sorted_kernel(
 
     The order of the sorted list is fixed by the stable sort, so the sums are bitwise reproducible.
     """
-    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_mask = e < E
-    key = tl.load(sorted_key_ptr + e, mask=e_mask, other=-1)
-    previous = tl.load(sorted_key_ptr + e - 1, mask=e_mask & (e > 0), other=-1)
-    first = e_mask & (key >= 0) & ((key != previous) | (e == 0))
-    run_end = tl.load(run_end_ptr + e, mask=first, other=0)
-    run_end = tl.where(first, run_end, e)
+    e, key, first, run_end, longest = sorted_runs(sorted_key_ptr, run_end_ptr, E, BLOCK_E)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     acc = to_compute(tl.zeros([BLOCK_E, BLOCK_C], dtype=tl.float32), F64)
-    longest = tl.max(run_end - e, axis=0)
     for j in range(0, longest):
         entry_mask = first & (e + j < run_end)
         entry = tl.load(order_ptr + e + j, mask=entry_mask, other=0)

@@ -278,3 +278,21 @@ def output_position(i, size, ALIGN_CORNERS: tl.constexpr, F64: tl.constexpr):
     if not ALIGN_CORNERS:
         pos = pos * (size_f - 1) / size_f
     return tl.where(size_f > 1, pos, 0.0)
+
+
+@triton.jit
+def sorted_runs(sorted_key_ptr, run_end_ptr, E, BLOCK_E: tl.constexpr):
+    """This program's positions e in a stably sorted list of tap keys, and the runs starting there.
+
+    The deterministic backward gathers instead of scattering: the first position of each run of
+    equal keys (one target pixel; -1 marks taps that miss) sums the run in its fixed order.
+    Returns (e, key, first, run_end, longest): first marks run starts, run_end is one past each
+    run (e where not a start), longest the longest run of the block.
+    """
+    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_mask = e < E
+    key = tl.load(sorted_key_ptr + e, mask=e_mask, other=-1)
+    previous = tl.load(sorted_key_ptr + e - 1, mask=e_mask & (e > 0), other=-1)
+    first = e_mask & (key >= 0) & ((key != previous) | (e == 0))
+    run_end = tl.where(first, tl.load(run_end_ptr + e, mask=first, other=0), e)
+    return e, key, first, run_end, tl.max(run_end - e, axis=0)

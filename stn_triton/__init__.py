@@ -4,6 +4,7 @@ from stn_triton.backend import backend
 from stn_triton.functional import (
     affine_grid,
     affine_grid_sample,
+    deform_conv2d,
     grid_sample,
     perspective_grid_sample,
     tps_grid_sample,
@@ -15,6 +16,7 @@ __all__ = [
     "affine_grid",
     "affine_grid_sample",
     "backend",
+    "deform_conv2d",
     "grid_sample",
     "perspective_grid_sample",
     "tps_grid_sample",

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from stn_triton import reference
 from stn_triton.backend import TORCH, backend
 from stn_triton.ops import affine_grid as _affine_grid_op
+from stn_triton.ops import deform_conv as _deform_conv_op
 from stn_triton.ops import grid_sample as _grid_sample_op
 from stn_triton.ops import warp as _warp_op
 
@@ -304,3 +305,67 @@ def warp_perspective(
     if backend(src) == TORCH:
         return reference.warp_perspective(src, M, tuple(dsize), mode, padding_mode, align_corners, fill)
     return _warp_op.warp_perspective(src, M, tuple(dsize), mode, padding_mode, align_corners, fill)
+
+
+def _pair(name: str, value) -> tuple[int, int]:
+    if isinstance(value, int):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return tuple(value)
+
+
+def deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Deformable convolution (v1; v2 with ``mask``); equals ``torchvision.ops.deform_conv2d``.
+
+    input ``[N, C, H, W]``; weight ``[C_out, C / groups, KH, KW]`` (groups = C // weight.shape[1]);
+    offset ``[N, 2 G K, H_out, W_out]`` with K = KH * KW and G offset groups: channel 2 (g K + k)
+    is the y offset of tap k = i * KW + j, + 1 the x offset; mask ``[N, G K, H_out, W_out]``;
+    bias ``[C_out]``. Tap k of output (oy, ox) reads the input bilinearly at
+    ``(oy * stride - padding + i * dilation + dy, ox * stride - padding + j * dilation + dx)``,
+    zero outside. Returns ``[N, C_out, H_out, W_out]``. Gradients for every tensor argument.
+    """
+    _check_tensor("input", input, (4,))
+    stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(
+            f"stride and dilation must be >= 1 and padding >= 0, got stride={stride}, padding={padding}, dilation={dilation}"
+        )
+    _check_like_input("weight", weight, input, (None, None, None, None))
+    c_out, c_per_group, kh, kw = weight.shape
+    if c_per_group == 0 or input.shape[1] % c_per_group != 0:
+        raise ValueError(
+            f"weight.shape[1] ({c_per_group}) must divide input's {input.shape[1]} channels, got weight of shape {tuple(weight.shape)}"
+        )
+    groups = input.shape[1] // c_per_group
+    if c_out % groups != 0:
+        raise ValueError(f"weight's {c_out} output channels must be divisible by groups = {groups}")
+    taps = kh * kw
+    out_h, out_w = _deform_conv_op.output_size(*input.shape[2:], kh, kw, stride, padding, dilation)
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"the output would be empty: input {tuple(input.shape)}, kernel {kh}x{kw}, stride {stride}, "
+                         f"padding {padding}, dilation {dilation}")
+    _check_like_input("offset", offset, input, (input.shape[0], None, None, None))
+    if taps == 0 or offset.shape[1] == 0 or offset.shape[1] % (2 * taps) != 0:
+        raise ValueError(f"offset must have 2 * offset_groups * {taps} channels for a {kh}x{kw} kernel, got {offset.shape[1]}")
+    offset_groups = offset.shape[1] // (2 * taps)
+    if input.shape[1] % offset_groups != 0:
+        raise ValueError(f"offset's {offset_groups} offset groups must divide input's {input.shape[1]} channels")
+    if tuple(offset.shape[2:]) != (out_h, out_w):
+        raise ValueError(f"offset must have the output's spatial size {(out_h, out_w)}, got {tuple(offset.shape[2:])}")
+    if mask is not None:
+        _check_like_input("mask", mask, input, (input.shape[0], offset_groups * taps, out_h, out_w))
+    if bias is not None:
+        _check_like_input("bias", bias, input, (c_out,))
+    if backend(input) == TORCH:
+        return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    return _deform_conv_op.deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation)

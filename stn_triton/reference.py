@@ -152,3 +152,34 @@ def warp_perspective(src, M, dsize, mode, padding_mode, align_corners, fill_valu
     inverse = normalized_inverse_map(M, src.shape[2:], dsize, align_corners)
     grid = perspective_grid(inverse, dsize, align_corners)
     return _sample_pixel_warp(src, grid.to(src.dtype), mode, padding_mode, align_corners, fill_value)
+
+
+def deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask):
+    """Deformable convolution as torchvision computes it: sample every tap (grid_sample, zeros
+    padding), build the column buffer [N, C * K, HO * WO], and multiply by the weight."""
+    n, c, h, w = input.shape
+    c_out, c_per_group, kh, kw = weight.shape
+    k = kh * kw
+    ho, wo = offset.shape[2:]
+    groups = c // c_per_group
+    offset_groups = offset.shape[1] // (2 * k)
+    ii, jj = torch.meshgrid(torch.arange(kh, device=input.device), torch.arange(kw, device=input.device), indexing="ij")
+    oy = torch.arange(ho, device=input.device) * stride[0] - padding[0]
+    ox = torch.arange(wo, device=input.device) * stride[1] - padding[1]
+    base_y = oy[None, :, None] + (ii.reshape(k) * dilation[0])[:, None, None]  # [K, HO, 1]
+    base_x = ox[None, None, :] + (jj.reshape(k) * dilation[1])[:, None, None]  # [K, 1, WO]
+    offset = offset.view(n, offset_groups, k, 2, ho, wo)
+    y = base_y + offset[:, :, :, 0]  # [N, G, K, HO, WO] pixel units
+    x = base_x + offset[:, :, :, 1]
+    # Normalized for grid_sample with align_corners=False: pixel p -> (2 p + 1) / size - 1.
+    grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], dim=-1)
+    grouped = input.view(n * offset_groups, c // offset_groups, h, w)
+    samples = F.grid_sample(
+        grouped, grid.reshape(n * offset_groups, k * ho, wo, 2), mode="bilinear", padding_mode="zeros", align_corners=False
+    ).view(n, offset_groups, c // offset_groups, k, ho, wo)
+    if mask is not None:
+        samples = samples * mask.view(n, offset_groups, 1, k, ho, wo)
+    columns = samples.reshape(n, groups, c_per_group * k, ho * wo)
+    out = torch.einsum("gok,ngkp->ngop", weight.reshape(groups, c_out // groups, c_per_group * k), columns)
+    out = out.reshape(n, c_out, ho, wo)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)

@@ -55,6 +55,32 @@ VARIANTS = [
      dict(ALIGN_CORNERS=False, NDIM=2, F64=False, BLOCK_P=128)),
 ]
 
+DCN = dict(HAS_MASK=True, F64=False, LOW_PRECISION=False, INPUT_PRECISION="ieee", INDEX_64=False,
+           BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
+DCN_POINTERS = ("x_ptr", "off_ptr", "mask_ptr", "w_ptr", "b_ptr", "out_ptr", "gy_ptr", "gx_ptr", "col_ptr",
+                "goff_ptr", "gmask_ptr", "gw_ptr")
+
+
+def _dcn_pointers(dtype: str, **overrides) -> dict:
+    return {**{name: dtype for name in DCN_POINTERS}, **overrides}
+
+
+VARIANTS += [
+    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp32"), dict(DCN, HAS_BIAS=True)),
+    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp16"), dict(DCN, HAS_BIAS=False, LOW_PRECISION=True)),
+    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp64"), dict(DCN, HAS_BIAS=True, F64=True)),
+    ("deform_conv", "_deform_conv_bwd_data_kernel", _dcn_pointers("bf16", gx_ptr="fp32", col_ptr="fp32"),
+     dict(DCN, LOW_PRECISION=True, INPUT_GRAD=True, COLUMNS=False, OFFSET_GRAD=True, MASK_GRAD=True)),
+    ("deform_conv", "_deform_conv_bwd_data_kernel", _dcn_pointers("fp32"),
+     dict(DCN, INPUT_GRAD=False, COLUMNS=True, OFFSET_GRAD=True, MASK_GRAD=False)),
+    ("deform_conv", "_deform_conv_bwd_weight_kernel", _dcn_pointers("fp16", gw_ptr="fp32"), dict(DCN, LOW_PRECISION=True)),
+    ("deform_conv", "_deform_conv_taps_kernel", dict(off_ptr="fp16", key_ptr="i64", weight_ptr="fp32"),
+     dict(F64=False, BLOCK_M=128)),
+    ("deform_conv", "_deform_conv_bwd_sorted_kernel",
+     dict(col_ptr="fp32", gx_ptr="bf16", sorted_key_ptr="i64", order_ptr="i64", run_end_ptr="i64", weight_ptr="fp32"),
+     dict(F64=False, BLOCK_E=64, BLOCK_C=16)),
+]
+
 
 def compile_variant(index: int) -> None:
     """Compile VARIANTS[index] for sm_90; raises on any compiler error."""
