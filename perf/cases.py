@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import stn_triton
+from stn_triton import reference as stn_reference
 
 Inputs = dict[str, torch.Tensor]
 Shape = Mapping[str, object]
@@ -371,14 +372,22 @@ def tps_case(case_id: str, batch: int, channels: int, points: int, size_in, size
     )
 
 
+def reference_deform_conv2d(input, offset, mask, weight, bias, *, padding):
+    """The plain PyTorch deformable convolution (column buffer + matmul): the float64 reference."""
+    return stn_reference.deform_conv2d(input, offset, weight, bias, (1, 1), (padding, padding), (1, 1), mask)
+
+
 def dcn_case(case_id: str, batch: int, channels: int, size: tuple[int, int], kernel=3) -> Case:
     """deform_conv2d with mask, C -> C channels, ``kernel`` x ``kernel``, stride 1, same padding,
-    against torchvision (float32 time for bfloat16, which it lacks) and a dense cuDNN conv."""
+    against torchvision where it is installed (float32 time for bfloat16, which it lacks) and a
+    dense cuDNN conv; checked against the plain PyTorch implementation in float64."""
     padding = kernel // 2
-    reference = Baseline(
-        functools.partial(torchvision_deform_conv2d, padding=padding),
-        dtypes=(torch.float32, torch.float64, torch.float16),
-    )
+    baselines = {"cudnn_conv": Baseline(functools.partial(dense_conv2d, padding=padding))}
+    if importlib.util.find_spec("torchvision") is not None:
+        baselines["torchvision"] = Baseline(
+            functools.partial(torchvision_deform_conv2d, padding=padding),
+            dtypes=(torch.float32, torch.float64, torch.float16),
+        )
     return Case(
         op="deform_conv2d",
         case=case_id,
@@ -386,12 +395,11 @@ def dcn_case(case_id: str, batch: int, channels: int, size: tuple[int, int], ker
         smoke_shape={"N": 2, "C": 3, "C_out": 4, "kernel": kernel, "in": (6, 7)},
         make_inputs=dcn_inputs,
         ours=functools.partial(ours_deform_conv2d, padding=padding),
-        reference=reference,
-        baselines={"torchvision": reference, "cudnn_conv": Baseline(functools.partial(dense_conv2d, padding=padding))},
+        reference=Baseline(functools.partial(reference_deform_conv2d, padding=padding)),
+        baselines=baselines,
         grad_inputs=("input", "offset", "mask", "weight", "bias"),
         dtypes=DCN_DTYPES,
         passes=(FWD, FWD_BWD),
-        requires=("torchvision",),
     )
 
 
