@@ -11,8 +11,12 @@ from stn_triton.functional import (
     warp_affine,
     warp_perspective,
 )
+from stn_triton.nn import DeformConv2d, SelfDeformConv2d, SpatialTransformer
 
 __all__ = [
+    "DeformConv2d",
+    "SelfDeformConv2d",
+    "SpatialTransformer",
     "affine_grid",
     "affine_grid_sample",
     "backend",

@@ -228,6 +228,8 @@ def tps_grid_sample(
         _check_tensor("source_points", source_points, (3,))
     _check_like_input("source_points", source_points, input, (input.shape[0], None, 2))
     k = source_points.shape[1]
+    if k < 3:
+        raise ValueError(f"source_points must hold at least 3 points (K >= 3) to fix the affine part, got K = {k}")
     if control_points is None:
         control_points = reference.regular_control_points(k, input.dtype, input.device)
     else:
@@ -239,8 +241,6 @@ def tps_grid_sample(
         if control_points.device != input.device:
             raise ValueError(f"control_points must be on input's device {input.device}, got {control_points.device}")
         control_points = control_points.to(input.dtype)
-    if k < 3:
-        raise ValueError(f"source_points must hold at least 3 points (K >= 3) to fix the affine part, got K = {k}")
     spatial = _output_spatial(size, input)
     if backend(input) == TORCH:
         return reference.tps_grid_sample(input, source_points, control_points, spatial, mode, padding_mode, align_corners)

@@ -1,0 +1,306 @@
+"""nn.Modules built on the fused ops: the spatial transformer and deformable convolutions."""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import init
+from torch.nn.modules.utils import _pair
+
+from stn_triton import functional
+from stn_triton.reference import regular_control_points
+
+TRANSFORMS = ("affine", "projective", "tps")
+
+
+def _check_size(name: str, value, lengths: Sequence[int]) -> tuple[int, ...]:
+    """``value`` as a tuple of positive ints of one of ``lengths``; a clear error otherwise."""
+    if isinstance(value, torch.Size):
+        value = tuple(value)
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) not in lengths
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in value)
+    ):
+        wanted = " or ".join({2: "(H, W)", 3: "(D, H, W)"}[n] for n in lengths)
+        raise ValueError(f"{name} must be {wanted}, positive ints, got {value!r}")
+    return tuple(value)
+
+
+def default_localization(in_channels: int, spatial_dims: int) -> nn.Sequential:
+    """The localisation body of the original STN: (conv, max-pool, ReLU) x 2, then a hidden FC layer.
+
+    Maps ``[N, in_channels, *spatial]`` to features ``[N, 32]`` for any spatial size: the convs
+    keep the size (padded), the pools round up (so a 1-pixel side survives), and an adaptive
+    average pool brings whatever is left to 3 per side before the FC layer.
+    """
+    conv = (nn.Conv2d, nn.Conv3d)[spatial_dims - 2]
+    max_pool = (nn.MaxPool2d, nn.MaxPool3d)[spatial_dims - 2]
+    adaptive_pool = (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)[spatial_dims - 2]
+    return nn.Sequential(
+        conv(in_channels, 8, kernel_size=7, padding=3),
+        max_pool(2, ceil_mode=True),
+        nn.ReLU(),
+        conv(8, 10, kernel_size=5, padding=2),
+        max_pool(2, ceil_mode=True),
+        nn.ReLU(),
+        adaptive_pool(3),
+        nn.Flatten(),
+        nn.Linear(10 * 3**spatial_dims, 32),
+        nn.ReLU(),
+    )
+
+
+def _feature_count(localization: nn.Module, in_channels: int, input_size: tuple[int, ...]) -> int:
+    """How many features ``localization`` makes of one input: a dry run on zeros.
+
+    Runs in eval mode (batch norm would refuse a batch of one in training mode) without grad,
+    on the device and dtype of the module's first floating-point parameter or buffer; lazy
+    layers get materialized by it.
+    """
+    tensors = [t for t in (*localization.parameters(), *localization.buffers()) if t.is_floating_point()]
+    known = [t for t in tensors if not isinstance(t, nn.parameter.UninitializedTensorMixin)]
+    device = known[0].device if known else torch.device("cpu")
+    dtype = known[0].dtype if known else torch.get_default_dtype()
+    was_training = localization.training
+    localization.eval()
+    try:
+        with torch.no_grad():
+            features = localization(torch.zeros(1, in_channels, *input_size, device=device, dtype=dtype))
+    except Exception as error:
+        raise ValueError(
+            f"localization failed on an input of shape [1, {in_channels}, {', '.join(map(str, input_size))}] "
+            f"(in_channels and input_size as given): {error}"
+        ) from error
+    finally:
+        localization.train(was_training)
+    if not isinstance(features, torch.Tensor) or features.dim() < 2 or features.shape[0] != 1:
+        got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(f"localization must map [N, C, *spatial] to features [N, F], got {got} for N = 1")
+    return features[0].numel()
+
+
+class SpatialTransformer(nn.Module):
+    """A spatial transformer (Jaderberg et al., 2015): a localisation net regresses a transform of
+    its input, and the fused op samples the input through it.
+
+    Args:
+        in_channels: C, the input's channels.
+        input_size: the input's spatial size, ``(H, W)``; or ``(D, H, W)`` for volumes with
+            ``transform='affine'``.
+        transform: ``'affine'`` (theta ``[N, 2, 3]``, or ``[N, 3, 4]`` for volumes),
+            ``'projective'`` (homography ``[N, 3, 3]``) or ``'tps'`` (thin-plate spline: source
+            points ``[N, K, 2]`` for K control points on a regular grid over [-1, 1]^2).
+        localization: a module mapping the input ``[N, C, *input_size]`` to features ``[N, F]``
+            (anything else is flattened from dim 1); by default a small conv net in the spirit of
+            the original STN (:func:`default_localization`). A final ``nn.Linear(F, P)`` is
+            appended, as ``head``, to regress the P parameters; F is found by running
+            ``localization`` once on zeros at construction.
+        output_size: the output's spatial size, ``input_size`` by default.
+        num_control_points: K for ``transform='tps'``, a square of at least 4 (4, 9, 16, ...).
+        mode, padding_mode, align_corners: as :func:`stn_triton.functional.affine_grid_sample`.
+
+    ``head`` starts at the identity transform (weight 0, bias = the identity parameters), so the
+    module starts as the identity map (exactly, up to rounding, when ``output_size`` equals
+    ``input_size``).
+
+    Shapes: input ``[N, C, *input_size]`` -> output ``[N, C, *output_size]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        input_size: Sequence[int],
+        transform: str = "affine",
+        localization: nn.Module | None = None,
+        output_size: Sequence[int] | None = None,
+        num_control_points: int = 16,
+        mode: str = "bilinear",
+        padding_mode: str = "zeros",
+        align_corners: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels <= 0:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if transform not in TRANSFORMS:
+            raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+        input_size = _check_size("input_size", input_size, (2, 3) if transform == "affine" else (2,))
+        spatial_dims = len(input_size)
+        output_size = input_size if output_size is None else _check_size("output_size", output_size, (spatial_dims,))
+        if transform == "tps":
+            side = math.isqrt(num_control_points) if isinstance(num_control_points, int) else 0
+            if isinstance(num_control_points, bool) or side < 2 or side * side != num_control_points:
+                raise ValueError(
+                    f"num_control_points must be a square of at least 4 (a regular grid of control points), "
+                    f"got {num_control_points!r}"
+                )
+        if mode not in functional.MODES:
+            raise ValueError(f"mode must be one of {functional.MODES}, got {mode!r}")
+        if mode == "bicubic" and spatial_dims == 3:
+            raise ValueError("mode='bicubic' supports only 2-D inputs, got a 3-D input_size")
+        if padding_mode not in functional.PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {functional.PADDING_MODES}, got {padding_mode!r}")
+        if not isinstance(align_corners, bool):
+            raise TypeError(f"align_corners must be a bool, got {align_corners!r}")
+        if localization is not None and not isinstance(localization, nn.Module):
+            raise TypeError(f"localization must be an nn.Module or None, got {type(localization).__name__}")
+
+        self.in_channels = in_channels
+        self.input_size = input_size
+        self.output_size = output_size
+        self.transform = transform
+        self.mode = mode
+        self.padding_mode = padding_mode
+        self.align_corners = align_corners
+
+        if transform == "affine":
+            identity = torch.eye(spatial_dims, spatial_dims + 1)
+        elif transform == "projective":
+            identity = torch.eye(3)
+        else:
+            control_points = regular_control_points(num_control_points, torch.get_default_dtype(), "cpu")
+            self.register_buffer("control_points", control_points)
+            identity = control_points
+        # The shape ``forward`` gives the regressed parameters, as the functional op takes them.
+        self.params_shape = tuple(identity.shape)
+
+        if localization is None:
+            localization = default_localization(in_channels, spatial_dims)
+        self.localization = localization
+        self.head = nn.Linear(_feature_count(localization, in_channels, input_size), identity.numel())
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.copy_(identity.flatten())
+
+    def forward(self, x: torch.Tensor, return_params: bool = False):
+        """Warp ``x`` ``[N, C, *input_size]`` to ``[N, C, *output_size]``.
+
+        With ``return_params=True`` returns ``(warped, params)``, params as the functional op
+        takes them: theta ``[N, 2, 3]`` (``[N, 3, 4]`` for volumes), homography ``[N, 3, 3]``, or
+        source points ``[N, K, 2]``.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        expected = (self.in_channels, *self.input_size)
+        if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+            wanted = ", ".join(map(str, expected))
+            raise ValueError(f"x must have shape [N, {wanted}] (in_channels, *input_size), got {tuple(x.shape)}")
+        params = self.head(self.localization(x).flatten(1)).view(x.shape[0], *self.params_shape)
+        size = (x.shape[0], x.shape[1], *self.output_size)
+        options = {
+            "size": size,
+            "mode": self.mode,
+            "padding_mode": self.padding_mode,
+            "align_corners": self.align_corners,
+        }
+        if self.transform == "affine":
+            warped = functional.affine_grid_sample(x, params, **options)
+        elif self.transform == "projective":
+            warped = functional.perspective_grid_sample(x, params, **options)
+        else:
+            warped = functional.tps_grid_sample(x, params, self.control_points, **options)
+        return (warped, params) if return_params else warped
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, input_size={self.input_size}, transform={self.transform!r}, "
+            f"output_size={self.output_size}, mode={self.mode!r}, padding_mode={self.padding_mode!r}, "
+            f"align_corners={self.align_corners}"
+        )
+
+
+class DeformConv2d(nn.Module):
+    """Deformable convolution with its weight and bias; a drop-in for ``torchvision.ops.DeformConv2d``.
+
+    Same constructor, attributes, initialisation and ``state_dict`` keys (``weight``
+    ``[out_channels, in_channels / groups, KH, KW]``, ``bias`` ``[out_channels]``), so a
+    torchvision checkpoint loads unchanged. ``forward(input [N, C, H, W], offset
+    [N, 2 G K, H_out, W_out], mask=None [N, G K, H_out, W_out])`` -> ``[N, out_channels, H_out, W_out]``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True):
+        super().__init__()
+        if in_channels % groups != 0 or out_channels % groups != 0:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torchvision's initialisation: Kaiming-uniform weight, bias uniform in +-1/sqrt(fan_in)."""
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / math.sqrt(fan_in)
+            init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return functional.deform_conv2d(
+            input, offset, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
+            mask=mask,
+        )
+
+    def extra_repr(self) -> str:
+        text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            text += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text
+
+
+class SelfDeformConv2d(DeformConv2d):
+    """A deformable convolution that predicts its own offsets (and mask) from its input.
+
+    As mmcv's ``ModulatedDeformConv2dPack``: a plain convolution ``offset_conv`` of the same
+    kernel, stride, padding and dilation maps the input to ``3 G K`` channels (``2 G K``
+    offsets, ``G K`` mask logits; only the offsets when ``modulated=False``), initialised to
+    zero. The mask is ``2 * sigmoid(logits)`` (mmcv uses ``sigmoid``, which starts at one half), so
+    at initialisation the offsets are 0, the mask is 1, and the module is exactly a plain
+    convolution with its ``weight`` and ``bias``. ``forward(input)``, or
+    ``forward(input, return_offsets=True)`` -> ``(output, offset, mask)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, offset_groups: int = 1, modulated: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        if in_channels % offset_groups != 0:
+            raise ValueError(f"offset_groups ({offset_groups}) must divide in_channels ({in_channels})")
+        self.offset_groups = offset_groups
+        self.modulated = modulated
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        self.offset_conv = nn.Conv2d(
+            in_channels, (3 if modulated else 2) * offset_groups * taps, self.kernel_size,
+            stride=self.stride, padding=self.padding, dilation=self.dilation,
+        )
+        nn.init.zeros_(self.offset_conv.weight)
+        nn.init.zeros_(self.offset_conv.bias)
+
+    def forward(self, input: torch.Tensor, return_offsets: bool = False):
+        predicted = self.offset_conv(input)
+        offsets = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
+        offset = predicted[:, :offsets]
+        mask = 2 * torch.sigmoid(predicted[:, offsets:]) if self.modulated else None
+        out = super().forward(input, offset, mask)
+        return (out, offset, mask) if return_offsets else out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", offset_groups={self.offset_groups}, modulated={self.modulated}"
