@@ -82,7 +82,9 @@ def grid_sample(
     if any(s == 0 for s in input.shape[2:]):
         raise ValueError(f"input must have non-empty spatial dimensions, got input of shape {tuple(input.shape)}")
     if backend(input) == TORCH:
-        return F.grid_sample(input, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+        return F.grid_sample(
+            input, reference.finite_grid(grid), mode=mode, padding_mode=padding_mode, align_corners=align_corners
+        )
     return _grid_sample_op.grid_sample(input, grid, mode, padding_mode, align_corners)
 
 
@@ -115,9 +117,11 @@ def affine_grid(theta: torch.Tensor, size: Sequence[int], align_corners: bool = 
     return _affine_grid_op.affine_grid(theta, tuple(size[2:]), align_corners)
 
 
-def _check_sampling(input, mode, padding_mode, align_corners, padding_modes=PADDING_MODES, ndims=(4, 5)) -> None:
-    """The checks every sampling op makes of its input and its sampling options."""
-    _check_tensor("input", input, ndims)
+def _check_sampling(
+    input, mode, padding_mode, align_corners, padding_modes=PADDING_MODES, ndims=(4, 5), name="input"
+) -> None:
+    """The checks every sampling op makes of its input (called ``name``) and its sampling options."""
+    _check_tensor(name, input, ndims)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "bicubic" and input.dim() == 5:
@@ -126,7 +130,7 @@ def _check_sampling(input, mode, padding_mode, align_corners, padding_modes=PADD
         raise ValueError(f"padding_mode must be one of {padding_modes}, got {padding_mode!r}")
     _check_align_corners(align_corners)
     if any(s == 0 for s in input.shape[2:]):
-        raise ValueError(f"input must have non-empty spatial dimensions, got input of shape {tuple(input.shape)}")
+        raise ValueError(f"{name} must have non-empty spatial dimensions, got {name} of shape {tuple(input.shape)}")
 
 
 def _check_like_input(name: str, value, input: torch.Tensor, shape: tuple) -> None:
@@ -248,7 +252,7 @@ def tps_grid_sample(
 
 
 def _check_pixel_warp(src, M, matrix_shape, dsize, mode, padding_mode, align_corners, fill_value):
-    _check_sampling(src, mode, padding_mode, align_corners, PADDING_MODES + ("fill",), ndims=(4,))
+    _check_sampling(src, mode, padding_mode, align_corners, PADDING_MODES + ("fill",), ndims=(4,), name="src")
     _check_like_input("M", M, src, (src.shape[0], *matrix_shape))
     if not isinstance(dsize, (list, tuple, torch.Size)) or len(dsize) != 2 or not all(
         isinstance(s, int) and s > 0 for s in dsize

@@ -13,6 +13,20 @@ import torch
 import torch.nn.functional as F
 
 
+# Normalized coordinates beyond this are replaced by it (NaN by its negative): far outside any
+# image, yet small enough that F.grid_sample's CPU index arithmetic cannot overflow on them.
+COORD_LIMIT = 1.0e4
+
+
+def finite_grid(grid: torch.Tensor) -> torch.Tensor:
+    """``grid`` with non-finite and huge coordinates moved to +-COORD_LIMIT (NaN to -COORD_LIMIT).
+
+    PyTorch's CPU grid_sample indexes out of bounds on them (its backward can crash); the Triton
+    kernels send them outside the image the same way, so zeros padding reads 0 and border the edge.
+    """
+    return torch.nan_to_num(grid, nan=-COORD_LIMIT).clamp(-COORD_LIMIT, COORD_LIMIT)
+
+
 def output_positions(size: int, align_corners: bool, dtype: torch.dtype, device) -> torch.Tensor:
     """Normalized positions ``[size]`` of an output side's pixels, as ``F.affine_grid`` places them."""
     if size <= 1:
@@ -31,7 +45,7 @@ def base_points(spatial: tuple[int, int], align_corners: bool, dtype: torch.dtyp
 
 def affine_grid_sample(input, theta, spatial, mode, padding_mode, align_corners):
     """``F.grid_sample(input, F.affine_grid(theta, size))`` with the grid in memory."""
-    grid = F.affine_grid(theta, [*input.shape[:2], *spatial], align_corners=align_corners)
+    grid = finite_grid(F.affine_grid(theta, [*input.shape[:2], *spatial], align_corners=align_corners))
     return F.grid_sample(input, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
 
 
@@ -40,7 +54,7 @@ def perspective_grid(homography: torch.Tensor, spatial, align_corners: bool) -> 
     base = base_points(spatial, align_corners, homography.dtype, homography.device)
     points = torch.cat([base, torch.ones_like(base[..., :1])], dim=-1)
     mapped = torch.einsum("nij,hwj->nhwi", homography, points)
-    return mapped[..., :2] / mapped[..., 2:]
+    return finite_grid(mapped[..., :2] / mapped[..., 2:])
 
 
 def perspective_grid_sample(input, homography, spatial, mode, padding_mode, align_corners):
@@ -96,7 +110,7 @@ def tps_grid(coefficients: torch.Tensor, control_points: torch.Tensor, spatial, 
 
 def tps_grid_sample(input, source_points, control_points, spatial, mode, padding_mode, align_corners):
     coefficients = tps_coefficients(source_points, control_points)
-    grid = tps_grid(coefficients, control_points, spatial, align_corners).to(input.dtype)
+    grid = finite_grid(tps_grid(coefficients, control_points, spatial, align_corners)).to(input.dtype)
     return F.grid_sample(input, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
 
 
@@ -143,7 +157,7 @@ def _sample_pixel_warp(src, grid, mode, padding_mode, align_corners, fill_value)
 def warp_affine(src, M, dsize, mode, padding_mode, align_corners, fill_value):
     """kornia.geometry.transform.warp_affine, with the grid in memory."""
     inverse = normalized_inverse_map(affine_to_homography(M), src.shape[2:], dsize, align_corners)
-    grid = F.affine_grid(inverse[:, :2, :], [src.shape[0], src.shape[1], *dsize], align_corners=align_corners)
+    grid = finite_grid(F.affine_grid(inverse[:, :2, :], [src.shape[0], src.shape[1], *dsize], align_corners=align_corners))
     return _sample_pixel_warp(src, grid.to(src.dtype), mode, padding_mode, align_corners, fill_value)
 
 

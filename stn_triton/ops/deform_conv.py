@@ -122,15 +122,15 @@ def deform_conv2d_backward_op(
     index_64 = needs_int64(grad_output, input, offset, shared["mask"])
     mask_grad = mask_grad and mask is not None
     atomic_input_grad = input_grad and not deterministic
-    empty = input.new_empty(0)
+    # A gradient not asked for is a fresh empty tensor: a custom op's outputs may not alias each other.
     grad_input = (
         torch.zeros_like(input, dtype=compute_dtype(input.dtype), memory_format=torch.preserve_format)
-        if atomic_input_grad else empty
+        if atomic_input_grad else input.new_empty(0)
     )
-    grad_offset = torch.zeros(offset.shape, dtype=offset.dtype, device=offset.device) if offset_grad else empty
-    grad_mask = torch.zeros(mask.shape, dtype=mask.dtype, device=mask.device) if mask_grad else empty
+    grad_offset = torch.zeros(offset.shape, dtype=offset.dtype, device=offset.device) if offset_grad else input.new_empty(0)
+    grad_mask = torch.zeros(mask.shape, dtype=mask.dtype, device=mask.device) if mask_grad else input.new_empty(0)
     sorted_input_grad = input_grad and deterministic
-    columns = empty
+    columns = input.new_empty(0)
     if sorted_input_grad:
         columns = torch.zeros((rows, input.shape[1], weight.shape[2] * weight.shape[3]),
                               dtype=compute_dtype(input.dtype), device=input.device)
@@ -151,7 +151,7 @@ def deform_conv2d_backward_op(
         grad_input = grad_input.to(input.dtype)
     elif sorted_input_grad:
         grad_input = _sorted_grad_input(columns, input, offset, shared) if work else torch.zeros_like(input)
-    grad_weight = empty
+    grad_weight = input.new_empty(0)
     if weight_grad:
         grad_weight = torch.zeros(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device)
         if work:
