@@ -1,12 +1,26 @@
-"""Launch configurations: the config space of each kernel, kept in one place.
+"""Launch configurations: each kernel's config space, per-GPU tuned tables, and their lookup.
 
-Under Triton's interpreter a kernel gets a single config (autotuning there would only time
-numpy); on a GPU ``triton.autotune`` picks among the space, keyed by the arguments named.
+A tuned kernel launches with the config that the table of the current GPU holds for its shape
+key (bucketed sizes and dtype); with no entry, ``triton.autotune`` picks among the kernel's
+space on first use of each autotune key. Under Triton's interpreter a kernel gets a single
+config (autotuning there would only time numpy). Tables are JSON files named after the GPU
+(``nvidia-h100-80gb-hbm3.json``): shipped ones in ``stn_triton/configs/``, the user's in
+``$STN_TRITON_CONFIG_DIR`` (default ``~/.cache/stn_triton``), which take precedence.
+``python -m stn_triton.tune`` writes them.
 """
 
+import functools
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
 import triton
 
 from stn_triton.backend import interpreting
+
+SHIPPED_TABLES = Path(__file__).parent / "configs"
 
 
 def autotune(configs: list[triton.Config], interpreter_config: triton.Config, key: list[str]):
@@ -21,3 +35,61 @@ def pixel_block_configs(block_sizes=(64, 128, 256), warps=(2, 4, 8)) -> list[tri
 
 # Interpreter programs run one after another in numpy: one large block is the fastest there.
 INTERPRETER_PIXEL_BLOCK = triton.Config({"BLOCK_P": 128}, num_warps=4)
+
+
+def gpu_name(device: torch.device | int | None = None) -> str:
+    """The CUDA device's name, lower case, runs of other characters as '-' (``nvidia-h100-80gb-hbm3``)."""
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def user_table_dir() -> Path:
+    return Path(os.environ.get("STN_TRITON_CONFIG_DIR", Path.home() / ".cache" / "stn_triton"))
+
+
+def bucket(size: int) -> int:
+    """The power of two at or above ``size``: nearby shapes share one tuned config."""
+    return triton.next_power_of_2(max(int(size), 1))
+
+
+@functools.cache
+def load_table(gpu: str) -> dict:
+    """{kernel: {shape key: config}} for ``gpu``: the shipped table, overridden by the user's."""
+    table: dict = {}
+    for folder in (SHIPPED_TABLES, user_table_dir()):
+        path = folder / f"{gpu}.json"
+        if path.is_file():
+            for kernel, entries in json.loads(path.read_text())["kernels"].items():
+                table.setdefault(kernel, {}).update(entries)
+    return table
+
+
+def config_to_json(config: triton.Config) -> dict:
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def lookup(kernel: str, key: str, gpu: str) -> triton.Config | None:
+    """The tuned config of ``kernel`` for shape ``key`` on ``gpu``, or None."""
+    entry = load_table(gpu).get(kernel, {}).get(key)
+    if entry is None:
+        return None
+    return triton.Config(entry["kwargs"], num_warps=entry["num_warps"], num_stages=entry["num_stages"])
+
+
+class TunedKernel:
+    """A kernel with a config space: the tuned table's config for a shape, else autotuning.
+
+    ``kernel, launch_kwargs = tuned(key, device)``, then ``wrap_triton(kernel)[grid](..., **launch_kwargs)``.
+    """
+
+    def __init__(self, name: str, kernel, configs, interpreter_config: triton.Config, autotune_key: list[str]):
+        self.name = name
+        self.kernel = kernel
+        self.autotuned = autotune(configs, interpreter_config, autotune_key)(kernel)
+        self.last_autotuned_key: str | None = None  # read by stn_triton.tune after a launch
+
+    def __call__(self, key: str, device: torch.device):
+        config = lookup(self.name, key, gpu_name(device)) if device.type == "cuda" else None
+        if config is None:
+            self.last_autotuned_key = key
+            return self.autotuned, {}
+        return self.kernel, {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}

@@ -6,9 +6,11 @@ from torch.library import triton_op, wrap_triton
 
 from stn_triton.kernels.warp import _affine_grid_bwd_kernel, _affine_grid_kernel
 from stn_triton.ops._launch import compute_dtype, grid_strides
-from stn_triton.tuning import INTERPRETER_PIXEL_BLOCK, autotune, pixel_block_configs
+from stn_triton.tuning import INTERPRETER_PIXEL_BLOCK, TunedKernel, bucket, pixel_block_configs
 
-_grid_kernel = autotune(pixel_block_configs(), INTERPRETER_PIXEL_BLOCK, key=["NDIM", "F64"])(_affine_grid_kernel)
+_grid_kernel = TunedKernel(
+    "affine_grid", _affine_grid_kernel, pixel_block_configs(), INTERPRETER_PIXEL_BLOCK, autotune_key=["NDIM", "F64"]
+)
 
 BWD_BLOCK_P = 128
 BWD_CHUNK = 64 * BWD_BLOCK_P  # pixels per program: enough work each, enough programs per image
@@ -26,9 +28,10 @@ def affine_grid_op(theta: torch.Tensor, size: list[int], align_corners: bool) ->
     pixels = grid.numel() // ndim
     if pixels == 0:
         return grid
-    wrap_triton(_grid_kernel)[lambda meta: (triton.cdiv(pixels, meta["BLOCK_P"]),)](
+    kernel, tuned = _grid_kernel(f"{theta.dtype}|d{ndim}|p{bucket(pixels)}", theta.device)
+    wrap_triton(kernel)[lambda meta: (triton.cdiv(pixels, meta["BLOCK_P"]),)](
         theta, grid, pixels, *_spatial(size), *theta.stride(),
-        ALIGN_CORNERS=align_corners, NDIM=ndim, F64=theta.dtype == torch.float64,
+        ALIGN_CORNERS=align_corners, NDIM=ndim, F64=theta.dtype == torch.float64, **tuned,
     )
     return grid
 

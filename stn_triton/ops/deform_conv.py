@@ -28,7 +28,7 @@ from stn_triton.kernels.deform_conv import (
     _deform_conv_taps_kernel,
 )
 from stn_triton.ops._launch import compute_dtype, empty_like_layout, needs_int64
-from stn_triton.tuning import autotune
+from stn_triton.tuning import TunedKernel, bucket
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 32, 32
 _fwd_configs = [
@@ -36,11 +36,11 @@ _fwd_configs = [
     for m, n, k, w, s in [(64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 4, 2), (128, 128, 32, 8, 2),
                           (64, 32, 32, 4, 2), (32, 64, 16, 4, 2)]
 ]
-_fwd_kernel = autotune(
-    _fwd_configs,
+_fwd_kernel = TunedKernel(
+    "deform_conv_fwd", _deform_conv_fwd_kernel, _fwd_configs,
     triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}, num_warps=4),
-    key=["CG", "COG", "K", "HAS_MASK", "F64", "LOW_PRECISION"],
-)(_deform_conv_fwd_kernel)
+    autotune_key=["CG", "COG", "K", "HAS_MASK", "F64", "LOW_PRECISION"],
+)
 
 
 def output_size(h: int, w: int, kh: int, kw: int, stride, padding, dilation) -> tuple[int, int]:
@@ -91,11 +91,14 @@ def deform_conv2d_op(
     cog = shared["sizes"][10]
     groups = shared["groups"]
     launch = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), groups * triton.cdiv(cog, meta["BLOCK_N"]))  # noqa: E731
-    wrap_triton(_fwd_kernel)[launch](
+    cg = shared["sizes"][9]
+    key = f"{input.dtype}|cg{bucket(cg)}|cog{bucket(cog)}|k{shared['sizes'][8]}|mask{mask is not None}|m{bucket(rows)}"
+    kernel, tuned = _fwd_kernel(key, input.device)
+    wrap_triton(kernel)[launch](
         input, offset, shared["mask"], weight, bias if bias is not None else weight, out,
         *shared["sizes"], *shared["conv"],
         *input.stride(), *offset.stride(), *shared["mask"].stride(), *weight.stride(), *out.stride(),
-        HAS_BIAS=bias is not None, INDEX_64=needs_int64(input, offset, shared["mask"], out), **shared["meta"],
+        HAS_BIAS=bias is not None, INDEX_64=needs_int64(input, offset, shared["mask"], out), **shared["meta"], **tuned,
     )
     return out
 

@@ -31,6 +31,7 @@ from stn_triton.kernels.grid_sample import (
     _sample_taps_kernel,
 )
 from stn_triton.ops._launch import (
+    channels_last,
     compute_dtype,
     empty_like_layout,
     grid_strides,
@@ -38,7 +39,7 @@ from stn_triton.ops._launch import (
     spatial_size,
     spatial_strides,
 )
-from stn_triton.tuning import INTERPRETER_PIXEL_BLOCK, autotune, pixel_block_configs
+from stn_triton.tuning import INTERPRETER_PIXEL_BLOCK, TunedKernel, bucket, pixel_block_configs
 
 MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
@@ -46,8 +47,9 @@ GRID, AFFINE, PROJECTIVE, TPS = 0, 1, 2, 3
 NEAREST = MODES["nearest"]
 BICUBIC = MODES["bicubic"]
 
-_fwd_kernel = autotune(pixel_block_configs(), INTERPRETER_PIXEL_BLOCK, key=["C", "TRANSFORM", "MODE", "NDIM", "F64"])(
-    _sample_fwd_kernel
+_fwd_kernel = TunedKernel(
+    "sample_fwd", _sample_fwd_kernel, pixel_block_configs(), INTERPRETER_PIXEL_BLOCK,
+    autotune_key=["C", "TRANSFORM", "MODE", "NDIM", "F64"],
 )
 
 # The atomic backward is not autotuned: each trial would add into grad_input again. Its block
@@ -116,11 +118,14 @@ def sample_op(
     block_c = channel_block(channels)
     common = _common(input, coords, control_points, fill, size, transform, mode, padding_mode, align_corners)
     launch = lambda meta: (input.shape[0] * triton.cdiv(pixels_per_image, meta["BLOCK_P"]), triton.cdiv(channels, block_c))  # noqa: E731
-    wrap_triton(_fwd_kernel)[launch](
+    key = (f"{input.dtype}|t{transform}|m{mode}|d{input.dim() - 2}|c{bucket(channels)}|p{bucket(pixels_per_image)}"
+           f"|{'nhwc' if channels_last(input) else 'nchw'}")
+    kernel, tuned = _fwd_kernel(key, input.device)
+    wrap_triton(kernel)[launch](
         input, *common["args"], out,
         pixels_per_image, channels, *common["sizes"],
         *spatial_strides(input), *common["strides"], *spatial_strides(out),
-        FILL=common["fill"], INDEX_64=needs_int64(input, coords, out), BLOCK_C=block_c, **common["meta"],
+        FILL=common["fill"], INDEX_64=needs_int64(input, coords, out), BLOCK_C=block_c, **common["meta"], **tuned,
     )
     return out
 
