@@ -27,7 +27,7 @@ EXPECTED_OUTPUT = {
 }
 
 # Packages the notebooks import beyond the library's own dependencies.
-NOTEBOOK_PACKAGES = ("matplotlib", "mlxtend")
+NOTEBOOK_PACKAGES = ("matplotlib", "mlxtend", "pandas")
 
 # Runs the code cells of the notebook at argv[1] in order, in one namespace; a line starting with
 # % or ! (IPython magic or shell) is skipped. A traceback names the cell that failed.
