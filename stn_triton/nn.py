@@ -222,6 +222,13 @@ class DeformConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True):
         super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, value, least in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
+                                   ("dilation", dilation, 1)):
+            if min(_pair(value)) < least:
+                raise ValueError(f"{name} must be at least {least}, got {value!r}")
         if in_channels % groups != 0 or out_channels % groups != 0:
             raise ValueError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
@@ -282,7 +289,7 @@ class SelfDeformConv2d(DeformConv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, offset_groups: int = 1, modulated: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        if in_channels % offset_groups != 0:
+        if not isinstance(offset_groups, int) or offset_groups < 1 or in_channels % offset_groups != 0:
             raise ValueError(f"offset_groups ({offset_groups}) must divide in_channels ({in_channels})")
         self.offset_groups = offset_groups
         self.modulated = modulated

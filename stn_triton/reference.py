@@ -168,9 +168,32 @@ def warp_perspective(src, M, dsize, mode, padding_mode, align_corners, fill_valu
     return _sample_pixel_warp(src, grid.to(src.dtype), mode, padding_mode, align_corners, fill_value)
 
 
+def _bilinear_gather(image: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Bilinear reads of ``image [B, C, H, W]`` at pixel points ``y, x [B, P]``, zero outside -> ``[B, C, P]``.
+
+    Floor-based weights (torchvision's arithmetic): at an integer point the derivative is the
+    forward difference, as in the kernels. Non-finite points read nothing.
+    """
+    b, c, h, w = image.shape
+    outside = torch.tensor(-4.0, dtype=y.dtype, device=y.device)
+    y = torch.where(torch.isfinite(y), y, outside).clamp(-4.0, h + 4.0)
+    x = torch.where(torch.isfinite(x), x, outside).clamp(-4.0, w + 4.0)
+    y0, x0 = torch.floor(y), torch.floor(x)
+    flat = image.reshape(b, c, h * w)
+    out = 0
+    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        yi, xi = y0 + dy, x0 + dx
+        weight = (y - y0 if dy else y0 + 1 - y) * (x - x0 if dx else x0 + 1 - x)
+        inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+        index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long()
+        values = torch.gather(flat, 2, index[:, None, :].expand(b, c, index.shape[1]))
+        out = out + (weight * inside)[:, None, :] * values
+    return out
+
+
 def deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask):
-    """Deformable convolution as torchvision computes it: sample every tap (grid_sample, zeros
-    padding), build the column buffer [N, C * K, HO * WO], and multiply by the weight."""
+    """Deformable convolution as torchvision computes it: sample every tap bilinearly, build the
+    column buffer [N, C * K, HO * WO], and multiply by the weight."""
     n, c, h, w = input.shape
     c_out, c_per_group, kh, kw = weight.shape
     k = kh * kw
@@ -183,14 +206,10 @@ def deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask):
     base_y = oy[None, :, None] + (ii.reshape(k) * dilation[0])[:, None, None]  # [K, HO, 1]
     base_x = ox[None, None, :] + (jj.reshape(k) * dilation[1])[:, None, None]  # [K, 1, WO]
     offset = offset.view(n, offset_groups, k, 2, ho, wo)
-    y = base_y + offset[:, :, :, 0]  # [N, G, K, HO, WO] pixel units
-    x = base_x + offset[:, :, :, 1]
-    # Normalized for grid_sample with align_corners=False: pixel p -> (2 p + 1) / size - 1.
-    grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], dim=-1)
-    grouped = input.view(n * offset_groups, c // offset_groups, h, w)
-    samples = F.grid_sample(
-        grouped, grid.reshape(n * offset_groups, k * ho, wo, 2), mode="bilinear", padding_mode="zeros", align_corners=False
-    ).view(n, offset_groups, c // offset_groups, k, ho, wo)
+    y = (base_y + offset[:, :, :, 0]).reshape(n * offset_groups, k * ho * wo)  # pixel units
+    x = (base_x + offset[:, :, :, 1]).reshape(n * offset_groups, k * ho * wo)
+    grouped = input.reshape(n * offset_groups, c // offset_groups, h, w)
+    samples = _bilinear_gather(grouped, y, x).view(n, offset_groups, c // offset_groups, k, ho, wo)
     if mask is not None:
         samples = samples * mask.view(n, offset_groups, 1, k, ho, wo)
     columns = samples.reshape(n, groups, c_per_group * k, ho * wo)

@@ -24,6 +24,10 @@ EXPECTED_OUTPUT = {
         r"test error, plain CNN: \d+\.\d+%",
         r"test error, CNN \+ spatial transformer: \d+\.\d+%",
     ],
+    "deformable_conv.ipynb": [
+        r"test error, plain CNN: \d+\.\d+%",
+        r"test error, CNN \+ deformable conv: \d+\.\d+%",
+    ],
 }
 
 # Packages the notebooks import beyond the library's own dependencies.
