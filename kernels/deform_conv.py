@@ -36,31 +36,32 @@ def deform_sample(
     H, W,
     sx_c, sx_h, sx_w, so_c, sm_c,  # input strides; offset and mask channel strides
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    HAS_MASK: tl.constexpr, F64: tl.constexpr,
+    HAS_MASK: tl.constexpr, F64: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """Tap k of input channels ci at each row's offset position: ``[BLOCK_M, BLOCK_K]`` tiles.
 
     Returns (value, d value / dy, d value / dx, modulation), all in the compute dtype.
     """
     tile_mask = row_mask[:, None] & col_mask[None, :]
-    channel = 2 * (g * K + k)
+    channel = as_index(2 * (g * K + k), INDEX_64)
     dy = to_compute(tl.load(off_rows[:, None] + (channel * so_c)[None, :], mask=tile_mask, other=0.0), F64)
     dx = to_compute(tl.load(off_rows[:, None] + ((channel + 1) * so_c)[None, :], mask=tile_mask, other=0.0), F64)
     y = keep_indexable((oy * stride_h - pad_h + (k // KW) * dil_h)[:, None] + dy)
     x = keep_indexable((ox * stride_w - pad_w + (k % KW) * dil_w)[:, None] + dx)
-    x_tile = x_rows[:, None] + (ci * sx_c)[None, :]
+    x_tile = x_rows[:, None] + (as_index(ci, INDEX_64) * sx_c)[None, :]
     value = x * 0
     value_dy = x * 0
     value_dx = x * 0
     for t in tl.static_range(4):
         xi, yi, _, inside, weight, dwx, dwy, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
-        v = tl.load(x_tile + yi * sx_h + xi * sx_w, mask=inside & tile_mask, other=0.0)
+        v = tl.load(x_tile + as_index(yi, INDEX_64) * sx_h + as_index(xi, INDEX_64) * sx_w, mask=inside & tile_mask, other=0.0)
         v = to_compute(v, F64)
         value += weight * v
         value_dy += dwy * v
         value_dx += dwx * v
     if HAS_MASK:
-        modulation = to_compute(tl.load(mask_rows[:, None] + ((g * K + k) * sm_c)[None, :], mask=tile_mask, other=0.0), F64)
+        mask_tile = mask_rows[:, None] + (as_index(g * K + k, INDEX_64) * sm_c)[None, :]
+        modulation = to_compute(tl.load(mask_tile, mask=tile_mask, other=0.0), F64)
     else:
         modulation = x * 0 + 1
     return value, value_dy, value_dx, modulation
@@ -115,7 +116,7 @@ def _deform_conv_fwd_kernel(
             ci = group * CG + cl
             value, _, _, modulation = deform_sample(
                 x_rows, off_rows, mask_rows, oy, ox, row_mask, ci, c_mask, ci // CPG, k, KW, K, H, W,
-                sx_c, sx_h, sx_w, so_c, sm_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, F64,
+                sx_c, sx_h, sx_w, so_c, sm_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, F64, INDEX_64,
             )
             w_tile = w_ptr + (co * sw_o)[None, :] + (cl * sw_i)[:, None] + (k // KW) * sw_h + (k % KW) * sw_w
             weight = tl.load(w_tile, mask=c_mask[:, None] & co_mask[None, :], other=0.0)
@@ -124,7 +125,7 @@ def _deform_conv_fwd_kernel(
             acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     if HAS_BIAS:
         acc += to_compute(tl.load(b_ptr + co, mask=co_mask, other=0.0), F64)[None, :]
-    out = (out_ptr + n * sy_n + oy * sy_h + ox * sy_w)[:, None] + (co * sy_c)[None, :]
+    out = (out_ptr + n * sy_n + oy * sy_h + ox * sy_w)[:, None] + (as_index(co, INDEX_64) * sy_c)[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & co_mask[None, :])
 
 
@@ -183,7 +184,8 @@ def _deform_conv_bwd_data_kernel(
                 for co0 in range(group * COG, (group + 1) * COG, BLOCK_N):
                     co = co0 + tl.arange(0, BLOCK_N)
                     co_mask = co < (group + 1) * COG
-                    gy = tl.load(gy_rows[:, None] + (co * sgy_c)[None, :], mask=row_mask[:, None] & co_mask[None, :], other=0.0)
+                    gy_tile = gy_rows[:, None] + (as_index(co, INDEX_64) * sgy_c)[None, :]
+                    gy = tl.load(gy_tile, mask=row_mask[:, None] & co_mask[None, :], other=0.0)
                     w_tile = w_ptr + (co * sw_o)[:, None] + (cl * sw_i)[None, :] + (k // KW) * sw_h + (k % KW) * sw_w
                     weight = tl.load(w_tile, mask=co_mask[:, None] & c_mask[None, :], other=0.0)
                     a = gemm_operand(to_compute(gy, F64), LOW_PRECISION, w_ptr.dtype.element_ty)
@@ -191,7 +193,7 @@ def _deform_conv_bwd_data_kernel(
                     gcol += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=gcol.dtype)
                 value, value_dy, value_dx, modulation = deform_sample(
                     x_rows, off_rows, mask_rows, oy, ox, row_mask, ci, c_mask, ci * 0 + g, k, KW, K, H, W,
-                    sx_c, sx_h, sx_w, so_c, sm_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, F64,
+                    sx_c, sx_h, sx_w, so_c, sm_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, F64, INDEX_64,
                 )
                 if MASK_GRAD:
                     grad_mod += tl.sum(gcol * value, axis=1)
@@ -202,7 +204,7 @@ def _deform_conv_bwd_data_kernel(
                     _scatter_input_grad(
                         gx_rows, off_rows, oy, ox, row_mask, ci, c_mask, g, k, KW, K, H, W,
                         gcol * modulation, sgx_c, sgx_h, sgx_w, so_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                        F64, gx_ptr.dtype.element_ty,
+                        F64, INDEX_64, gx_ptr.dtype.element_ty,
                     )
                 if COLUMNS:
                     cols = col_ptr + (m[:, None] * C + ci[None, :]) * K + k
@@ -222,18 +224,19 @@ def _scatter_input_grad(
     gx_rows, off_rows, oy, ox, row_mask, ci, c_mask, g, k, KW, K, H, W,
     grad,  # [BLOCK_M, BLOCK_K] gradient of each row's sample of each channel
     sgx_c, sgx_h, sgx_w, so_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    F64: tl.constexpr, dtype: tl.constexpr,
+    F64: tl.constexpr, INDEX_64: tl.constexpr, dtype: tl.constexpr,
 ):
     """Add each sample's gradient into its four input pixels, weighted as the forward read them."""
     tile_mask = row_mask[:, None] & c_mask[None, :]
-    channel = 2 * (g * K + k)
+    channel = as_index(2 * (g * K + k), INDEX_64)
     dy = to_compute(tl.load(off_rows + channel * so_c, mask=row_mask, other=0.0), F64)
     dx = to_compute(tl.load(off_rows + (channel + 1) * so_c, mask=row_mask, other=0.0), F64)
     y = keep_indexable(oy * stride_h - pad_h + (k // KW) * dil_h + dy)
     x = keep_indexable(ox * stride_w - pad_w + (k % KW) * dil_w + dx)
     for t in tl.static_range(4):
         xi, yi, _, inside, weight, _, _, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
-        ptrs = (gx_rows + yi * sgx_h + xi * sgx_w)[:, None] + (ci * sgx_c)[None, :]
+        pixel = as_index(yi, INDEX_64) * sgx_h + as_index(xi, INDEX_64) * sgx_w
+        ptrs = (gx_rows + pixel)[:, None] + (as_index(ci, INDEX_64) * sgx_c)[None, :]
         tl.atomic_add(ptrs, (weight[:, None] * grad).to(dtype), mask=inside[:, None] & tile_mask)
 
 
@@ -271,10 +274,11 @@ def _deform_conv_bwd_weight_kernel(
         value, _, _, modulation = deform_sample(
             x_ptr + n * sx_n, off_ptr + n * so_n + oy * so_h + ox * so_w, mask_ptr + n * sm_n + oy * sm_h + ox * sm_w,
             oy, ox, row_mask, ci, c_mask, ci // CPG, k, KW, K, H, W,
-            sx_c, sx_h, sx_w, so_c, sm_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, F64,
+            sx_c, sx_h, sx_w, so_c, sm_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, F64, INDEX_64,
         )
         gy_rows = gy_ptr + n * sgy_n + oy * sgy_h + ox * sgy_w
-        gy = tl.load(gy_rows[None, :] + (co * sgy_c)[:, None], mask=co_mask[:, None] & row_mask[None, :], other=0.0)
+        gy_tile = gy_rows[None, :] + (as_index(co, INDEX_64) * sgy_c)[:, None]
+        gy = tl.load(gy_tile, mask=co_mask[:, None] & row_mask[None, :], other=0.0)
         a = gemm_operand(to_compute(gy, F64), LOW_PRECISION, gy_ptr.dtype.element_ty)
         b = gemm_operand(value * modulation, LOW_PRECISION, gy_ptr.dtype.element_ty)
         acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
