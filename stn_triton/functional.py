@@ -33,6 +33,15 @@ def _check_tensor(name: str, value, ndims: Sequence[int]) -> None:
         )
 
 
+def _int_sequence(name: str, value) -> tuple[int, ...]:
+    """``value`` (a list, tuple or torch.Size of ints) as a tuple; a TypeError naming it otherwise."""
+    if isinstance(value, torch.Size):
+        value = tuple(value)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, int) for s in value):
+        raise TypeError(f"{name} must be a sequence of ints, got {value!r}")
+    return tuple(value)
+
+
 def _check_align_corners(align_corners) -> None:
     if not isinstance(align_corners, bool):
         raise TypeError(f"align_corners must be a bool, got {align_corners!r}")
@@ -96,10 +105,7 @@ def affine_grid(theta: torch.Tensor, size: Sequence[int], align_corners: bool = 
     [-1, 1] as ``align_corners`` says, then mapped by theta.
     """
     _check_tensor("theta", theta, (3,))
-    if isinstance(size, torch.Size):
-        size = tuple(size)
-    if not isinstance(size, (list, tuple)) or not all(isinstance(s, int) for s in size):
-        raise TypeError(f"size must be a sequence of ints, got {size!r}")
+    size = _int_sequence("size", size)
     if len(size) not in (4, 5):
         raise ValueError(f"size must have 4 (N, C, H, W) or 5 (N, C, D, H, W) entries, got {tuple(size)}")
     nd = len(size) - 2
@@ -149,10 +155,7 @@ def _output_spatial(size, input: torch.Tensor) -> tuple[int, ...]:
     """The spatial part of ``size`` (the full output size, N and C included); input's by default."""
     if size is None:
         return tuple(input.shape[2:])
-    if isinstance(size, torch.Size):
-        size = tuple(size)
-    if not isinstance(size, (list, tuple)) or not all(isinstance(s, int) for s in size):
-        raise TypeError(f"size must be a sequence of ints, got {size!r}")
+    size = _int_sequence("size", size)
     if len(size) != input.dim():
         raise ValueError(f"size must have {input.dim()} entries (N, C, spatial...) like input, got {tuple(size)}")
     if tuple(size[:2]) != tuple(input.shape[:2]):
@@ -228,8 +231,6 @@ def tps_grid_sample(
     torch ops; the spline is evaluated per pixel in the kernel. Gradients for input and source_points.
     """
     _check_sampling(input, mode, padding_mode, align_corners, ndims=(4,))
-    if not isinstance(source_points, torch.Tensor) or source_points.dim() != 3:
-        _check_tensor("source_points", source_points, (3,))
     _check_like_input("source_points", source_points, input, (input.shape[0], None, 2))
     k = source_points.shape[1]
     if k < 3:
