@@ -31,27 +31,40 @@ def deform_sample(
     mask_rows,  # [BLOCK_M] pointers to mask[n, 0, oy, ox] of each row (HAS_MASK)
     oy, ox, row_mask,  # [BLOCK_M] output position of each row and its validity
     ci, col_mask,  # [BLOCK_K] input channels of the columns and their validity
-    g,  # [BLOCK_K] offset group of each column
+    g,  # offset group of the columns: a scalar (ROW_GROUP) or one per column [BLOCK_K]
     k, KW, K,  # tap k = i * KW + j of K
     H, W,
     sx_c, sx_h, sx_w, so_c, sm_c,  # input strides; offset and mask channel strides
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     HAS_MASK: tl.constexpr, F64: tl.constexpr, INDEX_64: tl.constexpr,
+    ROW_GROUP: tl.constexpr,  # every column is in offset group g: one sample point per row
 ):
     """Tap k of input channels ci at each row's offset position: ``[BLOCK_M, BLOCK_K]`` tiles.
 
-    Returns (value, d value / dy, d value / dx, modulation), all in the compute dtype.
+    With ROW_GROUP the offsets, the corners and their weights are computed once per row and only
+    the reads are per channel; otherwise once per (row, column), since columns may belong to
+    different offset groups. Returns (value, d value / dy, d value / dx, modulation), all in the
+    compute dtype.
     """
     tile_mask = row_mask[:, None] & col_mask[None, :]
-    channel = as_index(2 * (g * K + k), INDEX_64)
-    dy = to_compute(tl.load(off_rows[:, None] + (channel * so_c)[None, :], mask=tile_mask, other=0.0), F64)
-    dx = to_compute(tl.load(off_rows[:, None] + ((channel + 1) * so_c)[None, :], mask=tile_mask, other=0.0), F64)
-    y = keep_indexable((oy * stride_h - pad_h + (k // KW) * dil_h)[:, None] + dy)
-    x = keep_indexable((ox * stride_w - pad_w + (k % KW) * dil_w)[:, None] + dx)
     x_tile = x_rows[:, None] + (as_index(ci, INDEX_64) * sx_c)[None, :]
-    value = x * 0
-    value_dy = x * 0
-    value_dx = x * 0
+    if ROW_GROUP:
+        channel = as_index(2 * (g * K + k), INDEX_64)
+        dy = to_compute(tl.load(off_rows + channel * so_c, mask=row_mask, other=0.0), F64)
+        dx = to_compute(tl.load(off_rows + (channel + 1) * so_c, mask=row_mask, other=0.0), F64)
+        y = keep_indexable(oy * stride_h - pad_h + (k // KW) * dil_h + dy)[:, None]
+        x = keep_indexable(ox * stride_w - pad_w + (k % KW) * dil_w + dx)[:, None]
+    else:
+        channel = as_index(2 * (g * K + k), INDEX_64)
+        dy = to_compute(tl.load(off_rows[:, None] + (channel * so_c)[None, :], mask=tile_mask, other=0.0), F64)
+        dx = to_compute(tl.load(off_rows[:, None] + ((channel + 1) * so_c)[None, :], mask=tile_mask, other=0.0), F64)
+        y = keep_indexable((oy * stride_h - pad_h + (k // KW) * dil_h)[:, None] + dy)
+        x = keep_indexable((ox * stride_w - pad_w + (k % KW) * dil_w)[:, None] + dx)
+    # y, x: [BLOCK_M, 1] (ROW_GROUP) or [BLOCK_M, BLOCK_K]; the corners broadcast over the columns.
+    zero = tile_mask.to(x.dtype) * 0
+    value = zero
+    value_dy = zero
+    value_dx = zero
     for t in tl.static_range(4):
         xi, yi, _, inside, weight, dwx, dwy, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
         v = tl.load(x_tile + as_index(yi, INDEX_64) * sx_h + as_index(xi, INDEX_64) * sx_w, mask=inside & tile_mask, other=0.0)
@@ -60,10 +73,13 @@ def deform_sample(
         value_dy += dwy * v
         value_dx += dwx * v
     if HAS_MASK:
-        mask_tile = mask_rows[:, None] + (as_index(g * K + k, INDEX_64) * sm_c)[None, :]
-        modulation = to_compute(tl.load(mask_tile, mask=tile_mask, other=0.0), F64)
+        if ROW_GROUP:
+            modulation = zero + to_compute(tl.load(mask_rows + as_index(g * K + k, INDEX_64) * sm_c, mask=row_mask, other=0.0), F64)[:, None]
+        else:
+            mask_tile = mask_rows[:, None] + (as_index(g * K + k, INDEX_64) * sm_c)[None, :]
+            modulation = to_compute(tl.load(mask_tile, mask=tile_mask, other=0.0), F64)
     else:
-        modulation = x * 0 + 1
+        modulation = zero + 1
     return value, value_dy, value_dx, modulation
 
 
@@ -96,6 +112,7 @@ def _deform_conv_fwd_kernel(
     LOW_PRECISION: tl.constexpr,  # feed tl.dot half operands (float16 / bfloat16 tensors)
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for float32 operands: "ieee" is exact
     INDEX_64: tl.constexpr,
+    ROW_GROUP: tl.constexpr,  # one offset group (G = 1): sample points per row, not per (row, channel)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     m = as_index(tl.program_id(0), INDEX_64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,8 +132,9 @@ def _deform_conv_fwd_kernel(
             c_mask = cl < CG
             ci = group * CG + cl
             value, _, _, modulation = deform_sample(
-                x_rows, off_rows, mask_rows, oy, ox, row_mask, ci, c_mask, ci // CPG, k, KW, K, H, W,
+                x_rows, off_rows, mask_rows, oy, ox, row_mask, ci, c_mask, 0 if ROW_GROUP else ci // CPG, k, KW, K, H, W,
                 sx_c, sx_h, sx_w, so_c, sm_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, F64, INDEX_64,
+                ROW_GROUP,
             )
             w_tile = w_ptr + (co * sw_o)[None, :] + (cl * sw_i)[:, None] + (k // KW) * sw_h + (k % KW) * sw_w
             weight = tl.load(w_tile, mask=c_mask[:, None] & co_mask[None, :], other=0.0)
@@ -192,8 +210,9 @@ def _deform_conv_bwd_data_kernel(
                     b = gemm_operand(to_compute(weight, F64), LOW_PRECISION, w_ptr.dtype.element_ty)
                     gcol += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=gcol.dtype)
                 value, value_dy, value_dx, modulation = deform_sample(
-                    x_rows, off_rows, mask_rows, oy, ox, row_mask, ci, c_mask, ci * 0 + g, k, KW, K, H, W,
+                    x_rows, off_rows, mask_rows, oy, ox, row_mask, ci, c_mask, g, k, KW, K, H, W,
                     sx_c, sx_h, sx_w, so_c, sm_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, F64, INDEX_64,
+                    True,
                 )
                 if MASK_GRAD:
                     grad_mod += tl.sum(gcol * value, axis=1)
@@ -240,12 +259,13 @@ def _scatter_input_grad(
         tl.atomic_add(ptrs, (weight[:, None] * grad).to(dtype), mask=inside[:, None] & tile_mask)
 
 
-@triton.jit(do_not_specialize=SIZES)
+@triton.jit(do_not_specialize=SIZES + ["ROWS_PER_SPLIT"])
 def _deform_conv_bwd_weight_kernel(
     gy_ptr,  # [N, COUT, HO, WO] gradient of the output
     x_ptr, off_ptr, mask_ptr,  # as in the forward
-    gw_ptr,  # [COUT, CG, KH, KW] contiguous gradient of the weight, in the compute dtype
+    gw_ptr,  # [SPLITS, COUT, CG, KH, KW] contiguous out: each split's sum, in the compute dtype
     M, C, H, W, COUT, HO, WO, KW, K, CG, COG, CPG,
+    ROWS_PER_SPLIT,  # output pixels (GEMM rows) each split sums
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
     so_n, so_c, so_h, so_w,
@@ -253,11 +273,17 @@ def _deform_conv_bwd_weight_kernel(
     sgy_n, sgy_c, sgy_h, sgy_w,
     HAS_MASK: tl.constexpr, F64: tl.constexpr, LOW_PRECISION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     INDEX_64: tl.constexpr,
+    ROW_GROUP: tl.constexpr,  # one offset group (G = 1): sample points per row, not per (row, channel)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_weight[co, c, k] = sum over pixels of grad_y[m, co] * sample[m, c, k]: an implicit GEMM
-    over the pixels that samples again instead of reading a column buffer. Each program owns one
-    [BLOCK_N, BLOCK_K] tile of one tap and sums all pixels in order: no atomics."""
+    over the pixels that samples again instead of reading a column buffer.
+
+    The reduction over pixels is split into SPLITS = num_programs(2) / K ranges of ROWS_PER_SPLIT
+    rows, so that a small weight still gets enough programs to fill the GPU. Each program owns one
+    [BLOCK_N, BLOCK_K] tile of one tap and one range, sums it in order and stores it; the host adds
+    the splits in order: no atomics, the same bits on every run.
+    """
     blocks_per_group = tl.cdiv(COG, BLOCK_N)
     group = tl.program_id(0) // blocks_per_group
     co = group * COG + (tl.program_id(0) % blocks_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -265,16 +291,20 @@ def _deform_conv_bwd_weight_kernel(
     cl = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     c_mask = cl < CG
     ci = group * CG + cl
-    k = tl.program_id(2)
+    split = as_index(tl.program_id(2) // K, INDEX_64)
+    k = tl.program_id(2) % K
+    start = split * ROWS_PER_SPLIT
+    end = tl.minimum(start + ROWS_PER_SPLIT, M)
     acc = to_compute(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), F64)
-    for m0 in range(0, M, BLOCK_M):
-        m = as_index(m0, INDEX_64) + tl.arange(0, BLOCK_M)
-        row_mask = m < M
+    for m0 in range(start, end, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        row_mask = m < end
         n, oy, ox = output_rows(m, HO, WO)
         value, _, _, modulation = deform_sample(
             x_ptr + n * sx_n, off_ptr + n * so_n + oy * so_h + ox * so_w, mask_ptr + n * sm_n + oy * sm_h + ox * sm_w,
-            oy, ox, row_mask, ci, c_mask, ci // CPG, k, KW, K, H, W,
+            oy, ox, row_mask, ci, c_mask, 0 if ROW_GROUP else ci // CPG, k, KW, K, H, W,
             sx_c, sx_h, sx_w, so_c, sm_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, F64, INDEX_64,
+            ROW_GROUP,
         )
         gy_rows = gy_ptr + n * sgy_n + oy * sgy_h + ox * sgy_w
         gy_tile = gy_rows[None, :] + (as_index(co, INDEX_64) * sgy_c)[:, None]
@@ -282,7 +312,7 @@ def _deform_conv_bwd_weight_kernel(
         a = gemm_operand(to_compute(gy, F64), LOW_PRECISION, gy_ptr.dtype.element_ty)
         b = gemm_operand(value * modulation, LOW_PRECISION, gy_ptr.dtype.element_ty)
         acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-    gw = gw_ptr + ((co * CG)[:, None] + cl[None, :]) * K + k
+    gw = gw_ptr + ((split * COUT + co)[:, None] * CG + cl[None, :]) * K + k
     tl.store(gw, acc, mask=co_mask[:, None] & c_mask[None, :])
 
 

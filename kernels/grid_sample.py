@@ -21,13 +21,15 @@ SIZES = ["Q", "C", "D", "H", "W", "OD", "OH", "OW", "K"]
 
 @triton.jit
 def program_pixels(Q, OD, OH, OW, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr):
-    """This program's image n (scalar) and output pixels q of it, with their (d, h, w) and mask."""
+    """This program's image n (scalar), its block of that image, and the block's output pixels q
+    with their (d, h, w) and mask."""
     blocks = tl.cdiv(Q, BLOCK_P)
     program = tl.program_id(0)
     n = as_index(program // blocks, INDEX_64)
-    q = as_index(program % blocks, INDEX_64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    block = program % blocks
+    q = as_index(block, INDEX_64) * BLOCK_P + tl.arange(0, BLOCK_P)
     _, d, h, w = unravel_pixel(q, OD, OH, OW)
-    return program, n, q, d, h, w, q < Q
+    return block, n, q, d, h, w, q < Q
 
 
 @triton.jit
@@ -107,7 +109,7 @@ def _sample_fwd_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
 
-@triton.jit(do_not_specialize=SIZES)
+@triton.jit(do_not_specialize=SIZES + ["PARTIALS"])
 def _sample_bwd_kernel(
     gout_ptr,  # [N, C, D_out, H_out, W_out] gradient of the output (any strides, 0 included)
     inp_ptr,  # [N, C, D_in, H_in, W_in] input (read only when COORD_GRAD)
@@ -115,6 +117,7 @@ def _sample_bwd_kernel(
     ginp_ptr,  # [N, C, D_in, H_in, W_in] zero-filled gradient of the input, accumulated atomically
     gcoords_ptr,  # COORD_GRAD: grad_grid [N, Q, NDIM], or the transform's partial sums (warp.store_transform_grad)
     Q, C, D, H, W, OD, OH, OW, K,  # as in the forward
+    PARTIALS,  # rows of partial sums per image in gcoords_ptr (a transform's gradient): >= cdiv(Q, BLOCK_P)
     sgo_n, sgo_c, sgo_d, sgo_h, sgo_w,  # grad_output strides
     si_n, si_c, si_d, si_h, si_w,  # input strides
     s0, s1, s2, s3, s4,  # coords strides
@@ -125,7 +128,7 @@ def _sample_bwd_kernel(
     COORD_GRAD: tl.constexpr,  # write gcoords_ptr
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    program, n, q, od, oh, ow, p_mask = program_pixels(Q, OD, OH, OW, BLOCK_P, INDEX_64)
+    block, n, q, od, oh, ow, p_mask = program_pixels(Q, OD, OH, OW, BLOCK_P, INDEX_64)
     x, y, z, mx, my, mz, nx, ny, bx, by, bz, den = pixel_sample_points(
         coords_ptr, ctrl_ptr, n, od, oh, ow, p_mask, s0, s1, s2, s3, s4, K, D, H, W, OD, OH, OW,
         TRANSFORM, MODE, PADDING, ALIGN_CORNERS, NDIM, F64,
@@ -164,7 +167,7 @@ def _sample_bwd_kernel(
                 gz += dwz * value_dot_gout
     if COORD_GRAD:
         store_transform_grad(
-            gcoords_ptr, program, n, q, Q, p_mask, gx * mx, gy * my, gz * mz, nx, ny, bx, by, bz, den, ctrl_ptr, K,
+            gcoords_ptr, n * PARTIALS + block, n, q, Q, p_mask, gx * mx, gy * my, gz * mz, nx, ny, bx, by, bz, den, ctrl_ptr, K,
             TRANSFORM, NDIM, F64,
         )
 

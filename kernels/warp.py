@@ -189,8 +189,8 @@ def transform_points(
 
 @triton.jit
 def store_transform_grad(
-    out_ptr,  # GRID: grad_grid [N, Q, NDIM]; AFFINE / PROJECTIVE: [programs, 4, 4]; TPS: [programs, K + 3, 2]
-    program, n, q, Q, mask,  # this program's index, its image, its pixels and their validity
+    out_ptr,  # GRID: grad_grid [N, Q, NDIM]; AFFINE / PROJECTIVE: [rows, 4, 4]; TPS: [rows, K + 3, 2]
+    row, n, q, Q, mask,  # this program's row of partial sums, its image, its pixels and their validity
     gx, gy, gz,  # d loss / d normalized sample point, per pixel (0 where masked)
     x, y,  # the sample points (PROJECTIVE)
     bx, by, bz, den,  # from transform_points
@@ -198,6 +198,9 @@ def store_transform_grad(
     TRANSFORM: tl.constexpr, NDIM: tl.constexpr, F64: tl.constexpr,
 ):
     """Write the gradient of the transform: per pixel for a grid, else this program's partial sums.
+
+    A transform's partial sums go to the program's own ``row`` (one per block of pixels of an image,
+    rows of an image adjacent), whatever the block size, so the buffer's layout stays the same.
 
     The partial sums of all programs are added on the host: no atomics, a fixed order.
     """
@@ -208,7 +211,7 @@ def store_transform_grad(
         if NDIM == 3:
             tl.store(g + 2, gz.to(out_ptr.dtype.element_ty), mask=mask)
     elif TRANSFORM == TPS:
-        partial = out_ptr + program * (K + 3) * 2
+        partial = out_ptr + row * (K + 3) * 2
         for k in range(K):
             dx = bx - to_compute(tl.load(ctrl_ptr + 2 * k), F64)
             dy = by - to_compute(tl.load(ctrl_ptr + 2 * k + 1), F64)
@@ -239,4 +242,4 @@ def store_transform_grad(
             acc = outer_sum(gx, gy, gz, bx, by, one, bx * 0)
         rows = tl.arange(0, 4)
         cols = tl.arange(0, 4)
-        tl.store(out_ptr + program * 16 + rows[:, None] * 4 + cols[None, :], acc)
+        tl.store(out_ptr + row * 16 + rows[:, None] * 4 + cols[None, :], acc)

@@ -66,15 +66,17 @@ def _dcn_pointers(dtype: str, **overrides) -> dict:
 
 
 VARIANTS += [
-    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp32"), dict(DCN, HAS_BIAS=True, INDEX_64=True)),
-    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp16"), dict(DCN, HAS_BIAS=False, LOW_PRECISION=True)),
-    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp64"), dict(DCN, HAS_BIAS=True, F64=True)),
+    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp32"),
+     dict(DCN, HAS_BIAS=True, INDEX_64=True, ROW_GROUP=False)),
+    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp16"),
+     dict(DCN, HAS_BIAS=False, LOW_PRECISION=True, ROW_GROUP=True)),
+    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp64"), dict(DCN, HAS_BIAS=True, F64=True, ROW_GROUP=True)),
     ("deform_conv", "_deform_conv_bwd_data_kernel", _dcn_pointers("bf16", gx_ptr="fp32", col_ptr="fp32"),
      dict(DCN, LOW_PRECISION=True, INPUT_GRAD=True, COLUMNS=False, OFFSET_GRAD=True, MASK_GRAD=True, INDEX_64=True)),
     ("deform_conv", "_deform_conv_bwd_data_kernel", _dcn_pointers("fp32"),
      dict(DCN, INPUT_GRAD=False, COLUMNS=True, OFFSET_GRAD=True, MASK_GRAD=False)),
     ("deform_conv", "_deform_conv_bwd_weight_kernel", _dcn_pointers("fp16", gw_ptr="fp32"),
-     dict(DCN, LOW_PRECISION=True, INDEX_64=True)),
+     dict(DCN, LOW_PRECISION=True, INDEX_64=True, ROW_GROUP=False)),
     ("deform_conv", "_deform_conv_taps_kernel", dict(off_ptr="fp16", key_ptr="i64", weight_ptr="fp32"),
      dict(F64=False, BLOCK_M=128)),
     ("deform_conv", "_deform_conv_bwd_sorted_kernel",

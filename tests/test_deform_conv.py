@@ -283,6 +283,16 @@ def assert_low_precision(ours, expected, dtype):
         assert_within_low_precision_rule(grads[name], ref_grads[name].to(dtype), ref_grads[name], dtype, f"grad {name}")
 
 
+def assert_matches_reference_float64(case: Case, seed: int) -> None:
+    """Output and every gradient of ``case`` in float64 against the reference, on fresh inputs."""
+    tensors = make_inputs(case, seed)
+    grad_output = grad_output_for(case, seed)
+    ours = run_deform_conv(stn_triton.deform_conv2d, tensors, case.conv, grad_output)
+    expected = run_deform_conv(reference_deform_conv2d, tensors, case.conv, grad_output)
+    assert ours[0].dtype == torch.float64
+    assert_matches(ours, expected, 1e-9)
+
+
 # --- the reference itself -----------------------------------------------------------------------
 
 LOOP_CASES = [
@@ -324,13 +334,32 @@ def test_reads_zero_at_and_beyond_the_border():
 @pytest.mark.parametrize("case", GRID_PARAMS)
 def test_forward_and_backward_match_reference_float64(case):
     case = case.on_device()
-    seed = seed_of("grid", case.id)
-    tensors = make_inputs(case, seed)
-    grad_output = grad_output_for(case, seed)
-    ours = run_deform_conv(stn_triton.deform_conv2d, tensors, case.conv, grad_output)
-    expected = run_deform_conv(reference_deform_conv2d, tensors, case.conv, grad_output)
-    assert ours[0].dtype == torch.float64
-    assert_matches(ours, expected, 1e-9)
+    assert_matches_reference_float64(case, seed_of("grid", case.id))
+
+
+@pytest.mark.parametrize("rows, tiles, sms", [(1, 1, 132), (255, 1, 132), (675, 9, 132), (25088, 576, 132),
+                                              (200704, 9, 132), (200704, 9, 1), (10**6, 10**5, 132)])
+def test_weight_grad_splits_cover_the_rows_in_whole_blocks(rows, tiles, sms):
+    from stn_triton.ops.deform_conv import MIN_SPLIT_ROWS, PROGRAMS_PER_SM, weight_grad_splits
+
+    splits, rows_per_split = weight_grad_splits(rows, tiles, sms)
+    assert rows_per_split % 128 == 0
+    assert (splits - 1) * rows_per_split < rows <= splits * rows_per_split, "every split has rows, all rows are covered"
+    assert splits == 1 or rows_per_split >= MIN_SPLIT_ROWS
+    assert splits == 1 or (splits - 1) * tiles < PROGRAMS_PER_SM * sms, "no more splits than the GPU needs"
+
+
+# Rows 3 * 15 * 15 = 675: two splits of grad_weight's pixel sum (384 rows and an uneven 291).
+SPLIT_CASE = Case(3, 2, 15, 15, 3, (3, 3), padding=1)
+
+
+def test_weight_gradient_split_over_pixels_matches_reference():
+    from stn_triton.ops.deform_conv import _multiprocessors, weight_grad_splits
+
+    ho, wo = SPLIT_CASE.out_size()
+    splits, _ = weight_grad_splits(SPLIT_CASE.n * ho * wo, SPLIT_CASE.taps, _multiprocessors(torch.device(DEVICE)))
+    assert splits >= 2, "the case must exercise the split reduction"
+    assert_matches_reference_float64(SPLIT_CASE, seed_of("split", SPLIT_CASE.id))
 
 
 # --- dtypes -------------------------------------------------------------------------------------
@@ -401,12 +430,7 @@ def test_non_contiguous_arguments_and_expanded_grad_output():
 @pytest.mark.parametrize("n", sizes(cpu=(1, 3), gpu=(1, 3, 33, 64)))
 def test_batch_sizes(n):
     case = Case(n, 2, 5, 4, 3, (3, 3), padding=1, offset_groups=2).on_device()._replace(n=n)
-    seed = seed_of("batch", case.id)
-    tensors = make_inputs(case, seed)
-    grad_output = grad_output_for(case, seed)
-    ours = run_deform_conv(stn_triton.deform_conv2d, tensors, case.conv, grad_output)
-    expected = run_deform_conv(reference_deform_conv2d, tensors, case.conv, grad_output)
-    assert_matches(ours, expected, 1e-9)
+    assert_matches_reference_float64(case, seed_of("batch", case.id))
 
 
 # --- gradcheck ----------------------------------------------------------------------------------

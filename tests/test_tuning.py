@@ -60,6 +60,7 @@ def test_tuned_kernel_takes_the_table_config_on_its_gpu_and_autotunes_otherwise(
     shipped, _ = tables
     _write(shipped, "gpu-x", {"toy": {"hit": _entry(128, 4, 2)}})
     monkeypatch.setattr(tuning, "gpu_name", lambda device=None: "gpu-x")
+    monkeypatch.setattr(tuning, "REGISTRY", [])  # the toy kernel is not one of the library's
 
     @triton.jit
     def toy_kernel(BLOCK_P: triton.language.constexpr):
@@ -76,6 +77,51 @@ def test_tuned_kernel_takes_the_table_config_on_its_gpu_and_autotunes_otherwise(
     assert kernel is tuned.autotuned and launch == {}
 
 
+def test_every_kernel_launch_goes_through_a_tuned_kernel():
+    """Each Triton kernel the ops launch has a config space (and so a table entry after tuning)."""
+    import stn_triton.kernels.deform_conv as dcn_kernels
+    import stn_triton.kernels.grid_sample as sample_kernels
+    import stn_triton.kernels.warp as warp_kernels
+
+    launched = {
+        getattr(module, name)
+        for module in (dcn_kernels, sample_kernels, warp_kernels)
+        for name in dir(module)
+        if name.startswith("_") and name.endswith("_kernel")
+    }
+    tuned = [kernel.kernel for kernel in tuning.REGISTRY]
+    assert set(tuned) == launched
+    assert len({kernel.name for kernel in tuning.REGISTRY}) == len(tuning.REGISTRY), "table names are unique"
+    for kernel in tuning.REGISTRY:
+        assert kernel.autotuned.configs, kernel.name
+
+
+def test_deterministic_algorithms_take_a_fixed_config_instead_of_autotuning(tables, monkeypatch):
+    shipped, _ = tables
+    _write(shipped, "gpu-x", {"toy": {"hit": _entry(128, 4, 2)}})
+    monkeypatch.setattr(tuning, "gpu_name", lambda device=None: "gpu-x")
+    monkeypatch.setattr(tuning, "REGISTRY", [])
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)  # the GPU's config space, here too
+
+    @triton.jit
+    def toy_kernel(BLOCK_P: triton.language.constexpr):
+        pass
+
+    configs = tuning.pixel_block_configs((256, 64))
+    tuned = tuning.TunedKernel("toy", toy_kernel, configs, tuning.INTERPRETER_PIXEL_BLOCK, [])
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        expected = {"BLOCK_P": 256, "num_warps": 2, "num_stages": configs[0].num_stages}
+        assert tuned("miss", torch.device("cuda")) == (toy_kernel, expected)
+        assert tuned.last_autotuned_key is None
+        assert tuned("hit", torch.device("cuda"))[1] == {"BLOCK_P": 128, "num_warps": 4, "num_stages": 2}
+        monkeypatch.setattr(tuning, "TUNING", True)
+        assert tuned("miss", torch.device("cuda")) == (tuned.autotuned, {})
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def test_gpu_name_normalises_like_the_perf_csv(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert tuning.gpu_name() == "nvidia-h100-80gb-hbm3"
@@ -90,7 +136,8 @@ def test_tune_writes_a_table_that_the_ops_then_use(tables):
     _, user = tables
     assert tune.main(["--quick"]) == 0
     table = json.loads((user / f"{tuning.gpu_name()}.json").read_text())["kernels"]
-    assert table["sample_fwd"] and table["deform_conv_fwd"]
+    assert set(table) == {kernel.name for kernel in tuning.REGISTRY}, "every kernel is tuned"
+    assert all(table.values())
     x = torch.randn(32, 64, 128, 128, device="cuda")
     theta = torch.eye(2, 3, device="cuda").expand(32, 2, 3)
     ops._fwd_kernel.last_autotuned_key = None

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import stn_triton
 from conftest import (
     DEVICE,
+    INTERPRETING,
     LOW_PRECISION,
     MODES_2D,
     MODES_3D,
@@ -383,6 +384,20 @@ def test_odd_sizes_match_reference(warp, shape, align_corners):
     seed = seed_of("odd", warp.name, shape.id, align_corners)
     x, param, grad_output = make_case(warp, shape, seed)
     ours, expected = run_both(warp, x, param, shape.output_shape, grad_output, mode, "border", align_corners)
+    assert_all_close(ours, expected, 1e-10)
+
+
+@pytest.mark.skipif(not ON_GPU and not INTERPRETING, reason="the partial-sum rows belong to the Triton backward")
+@pytest.mark.parametrize("warp", [pytest.param(w, id=w.name) for w in (AFFINE_2D, AFFINE_3D, PERSPECTIVE, TPS)])
+def test_parameter_gradient_with_more_partial_rows_than_blocks(warp, monkeypatch):
+    """A tuned block larger than the smallest of the space leaves rows of each image's partial sums
+    unused; the gradient must still sum each image's own rows (several blocks per image, N > 1)."""
+    from stn_triton.ops import grid_sample as ops
+
+    shape = Shape(3, 2, (5, 6), (13, 11)) if warp.nd == 2 else Shape(2, 2, (3, 4, 5), (5, 6, 7))
+    monkeypatch.setattr(ops._bwd_kernel, "smallest", lambda name, launch: 16)
+    x, param, grad_output = make_case(warp, shape, seed_of("partial-rows", warp.name))
+    ours, expected = run_both(warp, x, param, shape.output_shape, grad_output, "bilinear", "zeros", False)
     assert_all_close(ours, expected, 1e-10)
 
 

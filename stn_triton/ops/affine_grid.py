@@ -12,8 +12,12 @@ _grid_kernel = TunedKernel(
     "affine_grid", _affine_grid_kernel, pixel_block_configs(), INTERPRETER_PIXEL_BLOCK, autotune_key=["NDIM", "F64"]
 )
 
-BWD_BLOCK_P = 128
-BWD_CHUNK = 64 * BWD_BLOCK_P  # pixels per program: enough work each, enough programs per image
+_bwd_kernel = TunedKernel(
+    "affine_grid_bwd", _affine_grid_bwd_kernel, pixel_block_configs(), INTERPRETER_PIXEL_BLOCK,
+    autotune_key=["NDIM", "F64"],
+)
+# Pixels per program: enough work each, enough programs per image; a multiple of every BLOCK_P.
+BWD_CHUNK = 8192
 
 
 def _spatial(size: list[int]) -> tuple[int, int, int]:
@@ -45,9 +49,10 @@ def affine_grid_backward_op(grad_grid: torch.Tensor, theta: torch.Tensor, align_
     splits = max(triton.cdiv(d * h * w, BWD_CHUNK), 1)
     partial = torch.zeros((n, splits, ndim, ndim + 1), dtype=compute_dtype(theta.dtype), device=theta.device)
     if n > 0 and d * h * w > 0:
-        wrap_triton(_affine_grid_bwd_kernel)[(n, splits)](
+        kernel, tuned = _bwd_kernel(f"{theta.dtype}|d{ndim}|p{bucket(d * h * w)}", theta.device)
+        wrap_triton(kernel)[(n, splits)](
             grad_grid, partial, d, h, w, BWD_CHUNK, *grid_strides(grad_grid),
-            ALIGN_CORNERS=align_corners, NDIM=ndim, F64=theta.dtype == torch.float64, BLOCK_P=BWD_BLOCK_P,
+            ALIGN_CORNERS=align_corners, NDIM=ndim, F64=theta.dtype == torch.float64, **tuned,
         )
     return partial.sum(dim=1).to(theta.dtype)
 

@@ -52,12 +52,22 @@ _fwd_kernel = TunedKernel(
     autotune_key=["C", "TRANSFORM", "MODE", "NDIM", "F64"],
 )
 
-# The atomic backward is not autotuned: each trial would add into grad_input again. Its block
-# also fixes how many partial sums of a transform's gradient there are.
-BWD_BLOCK_P = 64
-BWD_WARPS = 4
-TAPS_BLOCK_P = 128
-SORTED_BLOCK_E = 64
+# Small blocks with many warps first: the first config is the one deterministic algorithms take
+# for an untuned shape, and at 32 channels per block larger blocks spill (perf/results/static-sm90.csv).
+_bwd_kernel = TunedKernel(
+    "sample_bwd", _sample_bwd_kernel, pixel_block_configs((32, 64, 128), warps=(8, 4, 2)),
+    triton.Config({"BLOCK_P": 64}, num_warps=4),
+    autotune_key=["C", "TRANSFORM", "MODE", "NDIM", "F64", "INPUT_GRAD", "COORD_GRAD"], reset_to_zero=["ginp_ptr"],
+)
+_taps_kernel = TunedKernel(
+    "sample_taps", _sample_taps_kernel, pixel_block_configs(), INTERPRETER_PIXEL_BLOCK,
+    autotune_key=["TRANSFORM", "MODE", "NDIM", "F64"],
+)
+_sorted_kernel = TunedKernel(
+    "sample_bwd_sorted", _sample_bwd_sorted_kernel,
+    pixel_block_configs((32, 64, 128), name="BLOCK_E"),
+    triton.Config({"BLOCK_E": 64}, num_warps=4), autotune_key=["C", "TAPS", "F64"],
+)
 
 
 def num_taps(mode: int, ndim: int) -> int:
@@ -68,6 +78,13 @@ def num_taps(mode: int, ndim: int) -> int:
 def channel_block(channels: int, limit: int = 32) -> int:
     """Channels a program handles at once: all of them up to ``limit``, as a power of two."""
     return min(triton.next_power_of_2(channels), limit)
+
+
+def _shape_key(pass_: str, input: torch.Tensor, transform: int, mode: int, pixels_per_image: int) -> str:
+    """A sampling kernel's key in the tuned tables: pass, dtype, transform, mode, bucketed sizes, layout."""
+    layout = "nhwc" if channels_last(input) else "nchw"
+    return (f"{pass_}|{input.dtype}|t{transform}|m{mode}|d{input.dim() - 2}|c{bucket(input.shape[1])}"
+            f"|p{bucket(pixels_per_image)}|{layout}")
 
 
 def _coords_strides(coords: torch.Tensor, transform: int) -> tuple[int, ...]:
@@ -118,9 +135,7 @@ def sample_op(
     block_c = channel_block(channels)
     common = _common(input, coords, control_points, fill, size, transform, mode, padding_mode, align_corners)
     launch = lambda meta: (input.shape[0] * triton.cdiv(pixels_per_image, meta["BLOCK_P"]), triton.cdiv(channels, block_c))  # noqa: E731
-    key = (f"{input.dtype}|t{transform}|m{mode}|d{input.dim() - 2}|c{bucket(channels)}|p{bucket(pixels_per_image)}"
-           f"|{'nhwc' if channels_last(input) else 'nchw'}")
-    kernel, tuned = _fwd_kernel(key, input.device)
+    kernel, tuned = _fwd_kernel(_shape_key("fwd", input, transform, mode, pixels_per_image), input.device)
     wrap_triton(kernel)[launch](
         input, *common["args"], out,
         pixels_per_image, channels, *common["sizes"],
@@ -150,26 +165,32 @@ def sample_backward_op(
     n, channels = input.shape[:2]
     ndim = input.dim() - 2
     pixels_per_image = math.prod(size)
-    programs = n * triton.cdiv(pixels_per_image, BWD_BLOCK_P)
     coords_grad = coords_grad and mode != NEAREST  # nearest is piecewise constant in the points
-    grad_coords = _coords_grad_buffer(coords, transform, programs, ndim) if coords_grad else coords.new_empty(0)
     atomic_input_grad = input_grad and not deterministic
+    common = _common(input, coords, control_points, fill, size, transform, mode, padding_mode, align_corners)
+    key = _shape_key("bwd" if atomic_input_grad else "bwd-coords", input, transform, mode, pixels_per_image)
+    kernel, tuned = _bwd_kernel(key, input.device)
+    # A transform's gradient is one row of partial sums per block of pixels; the rows an image gets
+    # are fixed by the smallest block the launch may use, so any tuned block fits the buffer.
+    partials = triton.cdiv(pixels_per_image, _bwd_kernel.smallest("BLOCK_P", tuned))
+    grad_coords = _coords_grad_buffer(coords, transform, n * partials, ndim) if coords_grad else coords.new_empty(0)
     if atomic_input_grad:
         grad_input = torch.zeros_like(input, dtype=compute_dtype(input.dtype), memory_format=torch.preserve_format)
+        grad_input_arg = grad_input
     else:
         grad_input = input.new_empty(0)
-    common = _common(input, coords, control_points, fill, size, transform, mode, padding_mode, align_corners)
-    if programs > 0 and channels > 0 and (atomic_input_grad or coords_grad):
-        # grad_input is allocated above only when it is written, so stand in input for its pointer.
-        grad_input_arg = grad_input if atomic_input_grad else input
-        wrap_triton(_sample_bwd_kernel)[(programs,)](
+        # Never written; a one-element stand-in, since the autotuner zeroes this argument between trials.
+        grad_input_arg = input.new_zeros((1,) * input.dim())
+    if n * pixels_per_image > 0 and channels > 0 and (atomic_input_grad or coords_grad):
+        launch = lambda meta: (n * triton.cdiv(pixels_per_image, meta["BLOCK_P"]),)  # noqa: E731
+        wrap_triton(kernel)[launch](
             grad_output, input, *common["args"], grad_input_arg, grad_coords,
-            pixels_per_image, channels, *common["sizes"],
+            pixels_per_image, channels, *common["sizes"], partials,
             *spatial_strides(grad_output), *spatial_strides(input), *common["strides"],
             *spatial_strides(grad_input_arg),
             FILL=common["fill"], INDEX_64=needs_int64(grad_output, input, coords, grad_input_arg, grad_coords),
-            INPUT_GRAD=atomic_input_grad, COORD_GRAD=coords_grad,
-            BLOCK_P=BWD_BLOCK_P, BLOCK_C=channel_block(channels), num_warps=BWD_WARPS, **common["meta"],
+            INPUT_GRAD=atomic_input_grad, COORD_GRAD=coords_grad, BLOCK_C=channel_block(channels),
+            **common["meta"], **tuned,
         )
     if atomic_input_grad:
         grad_input = grad_input.to(input.dtype)
@@ -180,16 +201,16 @@ def sample_backward_op(
     return grad_input, grad_coords
 
 
-def _coords_grad_buffer(coords: torch.Tensor, transform: int, programs: int, ndim: int) -> torch.Tensor:
+def _coords_grad_buffer(coords: torch.Tensor, transform: int, rows: int, ndim: int) -> torch.Tensor:
     """What the backward kernel writes the points' gradient into (see warp.store_transform_grad)."""
     if transform == GRID:
         return torch.zeros(coords.shape, dtype=coords.dtype, device=coords.device)
-    rows = (coords.shape[1], 2) if transform == TPS else (4, 4)
-    return torch.zeros((programs, *rows), dtype=compute_dtype(coords.dtype), device=coords.device)
+    shape = (coords.shape[1], 2) if transform == TPS else (4, 4)
+    return torch.zeros((rows, *shape), dtype=compute_dtype(coords.dtype), device=coords.device)
 
 
 def _finish_coords_grad(buffer: torch.Tensor, coords: torch.Tensor, transform: int, n: int, ndim: int) -> torch.Tensor:
-    """Add the per-program partial sums of a transform's gradient (in program order) and shape them."""
+    """Add each image's rows of partial sums of a transform's gradient (in row order) and shape them."""
     if transform == GRID:
         return buffer
     per_image = buffer.view(n, -1, *buffer.shape[1:]).sum(dim=1)
@@ -208,19 +229,22 @@ def _deterministic_grad_input(grad_output, input, pixels_per_image: int, common:
         return grad_input
     keys = torch.empty(entries, dtype=torch.int64, device=input.device)
     weights = torch.empty(entries, dtype=compute_dtype(input.dtype), device=input.device)
-    wrap_triton(_sample_taps_kernel)[(n * triton.cdiv(pixels_per_image, TAPS_BLOCK_P),)](
+    transform, mode = common["meta"]["TRANSFORM"], common["meta"]["MODE"]
+    kernel, tuned = _taps_kernel(_shape_key("taps", input, transform, mode, pixels_per_image), input.device)
+    wrap_triton(kernel)[lambda meta: (n * triton.cdiv(pixels_per_image, meta["BLOCK_P"]),)](
         *common["args"][:2], keys, weights,
         pixels_per_image, *common["sizes"], *common["strides"],
-        BLOCK_P=TAPS_BLOCK_P, **common["meta"],
+        **common["meta"], **tuned,
     )
     sorted_keys, order = torch.sort(keys, stable=True)
     run_end = torch.searchsorted(sorted_keys, sorted_keys, right=True)
     block_c = channel_block(channels)
-    wrap_triton(_sample_bwd_sorted_kernel)[(triton.cdiv(entries, SORTED_BLOCK_E), triton.cdiv(channels, block_c))](
+    kernel, tuned = _sorted_kernel(_shape_key("sorted", input, transform, mode, pixels_per_image), input.device)
+    wrap_triton(kernel)[lambda meta: (triton.cdiv(entries, meta["BLOCK_E"]), triton.cdiv(channels, block_c))](
         grad_output, grad_input, sorted_keys, order, run_end, weights,
         entries, channels, *common["sizes"][:-1],
         *spatial_strides(grad_output), *spatial_strides(grad_input),
-        TAPS=taps, F64=common["meta"]["F64"], BLOCK_E=SORTED_BLOCK_E, BLOCK_C=block_c,
+        TAPS=taps, F64=common["meta"]["F64"], BLOCK_C=block_c, **tuned,
     )
     return grad_input
 
