@@ -2,7 +2,7 @@
 
 Usage::
 
-    python perf/resources.py                  # all kernels -> perf/results/static-sm90.csv
+    python perf/resources.py                  # all kernels -> perf/results/static/sm90.csv
     python perf/resources.py --kernel deform_conv_fwd --jobs 2
 
 Each config of each tuned kernel's space (``stn_triton.tuning.REGISTRY``) is compiled through
@@ -36,7 +36,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as a launch compiles (
 import triton  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CSV = ROOT / "results" / "static-sm90.csv"
+DEFAULT_CSV = ROOT / "results" / "static" / "sm90.csv"  # not beside the GPU CSVs, which the plots read
 COLUMNS = ["kernel", "variant", "config", "num_warps", "num_stages", "registers", "spill_stores", "spill_loads",
            "shared_bytes", "programs_per_sm", "warp_occupancy", "triton", "ptxas", "note"]
 

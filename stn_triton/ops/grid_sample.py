@@ -53,7 +53,7 @@ _fwd_kernel = TunedKernel(
 )
 
 # Small blocks with many warps first: the first config is the one deterministic algorithms take
-# for an untuned shape, and at 32 channels per block larger blocks spill (perf/results/static-sm90.csv).
+# for an untuned shape, and at 32 channels per block larger blocks spill (perf/results/static/sm90.csv).
 _bwd_kernel = TunedKernel(
     "sample_bwd", _sample_bwd_kernel, pixel_block_configs((32, 64, 128), warps=(8, 4, 2)),
     triton.Config({"BLOCK_P": 64}, num_warps=4),
