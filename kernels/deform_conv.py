@@ -48,14 +48,13 @@ def deform_sample(
     """
     tile_mask = row_mask[:, None] & col_mask[None, :]
     x_tile = x_rows[:, None] + (as_index(ci, INDEX_64) * sx_c)[None, :]
+    channel = as_index(2 * (g * K + k), INDEX_64)  # the offset channel of dy (scalar or per column)
     if ROW_GROUP:
-        channel = as_index(2 * (g * K + k), INDEX_64)
         dy = to_compute(tl.load(off_rows + channel * so_c, mask=row_mask, other=0.0), F64)
         dx = to_compute(tl.load(off_rows + (channel + 1) * so_c, mask=row_mask, other=0.0), F64)
         y = keep_indexable(oy * stride_h - pad_h + (k // KW) * dil_h + dy)[:, None]
         x = keep_indexable(ox * stride_w - pad_w + (k % KW) * dil_w + dx)[:, None]
     else:
-        channel = as_index(2 * (g * K + k), INDEX_64)
         dy = to_compute(tl.load(off_rows[:, None] + (channel * so_c)[None, :], mask=tile_mask, other=0.0), F64)
         dx = to_compute(tl.load(off_rows[:, None] + ((channel + 1) * so_c)[None, :], mask=tile_mask, other=0.0), F64)
         y = keep_indexable((oy * stride_h - pad_h + (k // KW) * dil_h)[:, None] + dy)
