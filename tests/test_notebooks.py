@@ -1,4 +1,5 @@
-"""Every notebook in notebooks/ runs to the end, in quick mode, without Jupyter.
+"""Every notebook in notebooks/ runs to the end, in quick mode, without Jupyter; the committed ones
+carry the outputs of one full run (their figures are in the README).
 
 The code cells run in order in one namespace in a fresh Python process, with
 ``STN_NOTEBOOK_QUICK=1`` (small subsets, few steps), matplotlib's Agg backend, and
@@ -50,19 +51,26 @@ for index, cell in enumerate(notebook["cells"]):
 """
 
 
-def test_notebooks_are_valid_and_cleared():
-    """Each notebook is nbformat 4 JSON with no stored outputs (they are regenerated, not committed)."""
+def test_notebooks_are_valid_and_ran_fully():
+    """Each notebook is nbformat 4 JSON; its stored outputs, if any, are those of one full run (not quick
+    mode), top to bottom, without errors, and small enough to commit."""
     assert NOTEBOOKS, "no notebooks found in notebooks/"
     for path in NOTEBOOKS:
         notebook = json.loads(path.read_text(encoding="utf-8"))
         assert notebook["nbformat"] == 4, f"{path.name}: nbformat {notebook['nbformat']}, expected 4"
-        for index, cell in enumerate(notebook["cells"]):
-            if cell["cell_type"] == "code":
-                assert cell["outputs"] == [] and cell["execution_count"] is None, (
-                    f"{path.name} cell {index} has stored outputs: clear them before committing"
-                )
+        cells = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+        if all(cell["outputs"] == [] and cell["execution_count"] is None for cell in cells):
+            continue  # cleared
+        counts = [cell["execution_count"] for cell in cells]
+        assert counts == list(range(1, len(cells) + 1)), f"{path.name}: not one run top to bottom: {counts}"
+        outputs = [output for cell in cells for output in cell["outputs"]]
+        assert not [o for o in outputs if o["output_type"] == "error"], f"{path.name}: stored an error"
+        text = "".join("".join(o["text"]) for o in outputs if o["output_type"] == "stream")
+        assert "quick mode: True" not in text, f"{path.name}: outputs of a quick-mode run"
+        assert path.stat().st_size < 1_000_000, f"{path.name}: {path.stat().st_size:,} bytes of outputs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs_in_quick_mode(path):
     missing = [name for name in NOTEBOOK_PACKAGES if importlib.util.find_spec(name) is None]
