@@ -1,85 +1,87 @@
 """Deformable convolution (DCN v1/v2) as an implicit GEMM: sampling and GEMM in one kernel.
 
-Rows of the GEMM are output pixels m = (n, oy, ox) (flattened over the batch), columns output
-channels, and the reduction runs over taps k = (i, j) of the kernel window and input channels.
-Each A tile is sampled bilinearly at the tap's offset position, scaled by the modulation mask,
-and fed to ``tl.dot`` straight from registers: no im2col column buffer ever reaches memory.
-The bilinear read is the sampling arithmetic of sampling.py in pixel units with zero padding,
-which is torchvision's rule (a point at or beyond -1 / the size reads nothing).
+Rows of the GEMM are output pixels, columns output channels, and the reduction runs over taps
+k = (i, j) of the kernel window and input channels. Each A tile is sampled bilinearly at the
+tap's offset position, scaled by the modulation mask, and fed to ``tl.dot``: no im2col column
+buffer ever reaches memory. The bilinear read is the sampling arithmetic of sampling.py in pixel
+units with zero padding, which is torchvision's rule (a point at or beyond -1 / the size reads
+nothing).
+
+Rows run per image: a block of rows is BLOCK_M consecutive pixels p = oy * WO + ox of one
+image n, so a tensor whose pixels are dense (NCHW: stride 1) is read and written along provably
+contiguous addresses (the offsets, the mask, the output, grad_output). ``*_p`` strides are the
+stride of that flat pixel index.
+
+The gather's orientation follows the memory. One (pixel, tap, corner) read touches BLOCK_K
+channels. In channels-last memory (CHANNELS_FASTEST) they are one contiguous run: the tile is
+loaded as [BLOCK_M, BLOCK_K] and the compiler puts a warp's threads along the channels, with
+vector loads. In NCHW memory the channels lie H * W apart while neighbouring output pixels read
+neighbouring input pixels: the tile is loaded as [BLOCK_K, BLOCK_M] (threads along the pixels)
+and transposed in registers.
+
+torch.compile's mutation analysis counts a pointer passed to a helper as written when the
+helper's result addresses a store, so every load whose value addresses a store or atomic (the
+offsets) is in a kernel body; helpers take no pointers but the ones they load from or add into.
 """
 
 import triton
 import triton.language as tl
 
-from stn_triton.kernels.sampling import BILINEAR, ZEROS, as_index, keep_indexable, sorted_runs, tap, to_compute
+from stn_triton.kernels.sampling import BILINEAR, ZEROS, as_index, keep_indexable, run_starts, tap, to_compute
 
-SIZES = ["M", "C", "H", "W", "COUT", "HO", "WO", "KW", "K", "CG", "COG", "CPG"]
-
-
-@triton.jit
-def output_rows(m, HO, WO):
-    """Flat output pixel m -> (n, oy, ox)."""
-    ox = m % WO
-    rest = m // WO
-    return rest // HO, rest % HO, ox
+# Sizes that change from layer to layer and never matter to the compiled code. P, CG, COG and CPG
+# are left to Triton's specialization: their divisibility by 16 is what lets it prove that channel
+# chunks and pixel blocks are aligned (and their masks uniform) for vector loads and stores.
+SIZES = ["C", "COUT", "H", "W", "WO", "KW", "K"]
 
 
 @triton.jit
-def deform_sample(
-    x_rows,  # [BLOCK_M] pointers to input[n] of each row
-    off_rows,  # [BLOCK_M] pointers to offset[n, 0, oy, ox] of each row
-    mask_rows,  # [BLOCK_M] pointers to mask[n, 0, oy, ox] of each row (HAS_MASK)
-    oy, ox, row_mask,  # [BLOCK_M] output position of each row and its validity
-    ci, col_mask,  # [BLOCK_K] input channels of the columns and their validity
-    g,  # offset group of the columns: a scalar (ROW_GROUP) or one per column [BLOCK_K]
-    k, KW, K,  # tap k = i * KW + j of K
-    H, W,
-    sx_c, sx_h, sx_w, so_c, sm_c,  # input strides; offset and mask channel strides
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    HAS_MASK: tl.constexpr, F64: tl.constexpr, INDEX_64: tl.constexpr,
-    ROW_GROUP: tl.constexpr,  # every column is in offset group g: one sample point per row
-):
-    """Tap k of input channels ci at each row's offset position: ``[BLOCK_M, BLOCK_K]`` tiles.
+def image_pixels(program, P, BLOCK_M: tl.constexpr, INDEX_64: tl.constexpr):
+    """Program -> (its image n, its output pixels p [BLOCK_M] of that image, which p < P)."""
+    blocks = tl.cdiv(P, BLOCK_M)
+    p = (program % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return as_index(program // blocks, INDEX_64), as_index(p, INDEX_64), p < P
 
-    With ROW_GROUP the offsets, the corners and their weights are computed once per row and only
-    the reads are per channel; otherwise once per (row, column), since columns may belong to
-    different offset groups. Returns (value, d value / dy, d value / dx, modulation), all in the
-    compute dtype.
+
+@triton.jit
+def output_channels(program, COG, BLOCK_N: tl.constexpr):
+    """Program -> (its convolution group, its output channels co [BLOCK_N], which co are in the group)."""
+    blocks = tl.cdiv(COG, BLOCK_N)
+    group = program // blocks
+    co = group * COG + (program % blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return group, co, co < (group + 1) * COG
+
+
+@triton.jit
+def tap_position(oy, ox, k, KW, dy, dx, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w):
+    """Where tap k = i * KW + j of output pixel (oy, ox) reads the input, offset by (dy, dx).
+
+    Returns (y, x) in input pixels; a non-finite or huge position is sent where every corner misses.
     """
-    tile_mask = row_mask[:, None] & col_mask[None, :]
-    x_tile = x_rows[:, None] + (as_index(ci, INDEX_64) * sx_c)[None, :]
-    channel = as_index(2 * (g * K + k), INDEX_64)  # the offset channel of dy (scalar or per column)
-    if ROW_GROUP:
-        dy = to_compute(tl.load(off_rows + channel * so_c, mask=row_mask, other=0.0), F64)
-        dx = to_compute(tl.load(off_rows + (channel + 1) * so_c, mask=row_mask, other=0.0), F64)
-        y = keep_indexable(oy * stride_h - pad_h + (k // KW) * dil_h + dy)[:, None]
-        x = keep_indexable(ox * stride_w - pad_w + (k % KW) * dil_w + dx)[:, None]
+    y = keep_indexable(oy * stride_h - pad_h + (k // KW) * dil_h + dy)
+    x = keep_indexable(ox * stride_w - pad_w + (k % KW) * dil_w + dx)
+    return y, x
+
+
+@triton.jit
+def gather(rows, columns, row_mask, column_mask, CHANNELS_FASTEST: tl.constexpr):
+    """``[BLOCK_M, BLOCK_K]`` values at ``rows[m] + columns[c]`` (pointers [BLOCK_M], offsets [BLOCK_K]), 0 where masked."""
+    if CHANNELS_FASTEST:
+        return tl.load(rows[:, None] + columns[None, :], mask=row_mask[:, None] & column_mask[None, :], other=0.0)
     else:
-        dy = to_compute(tl.load(off_rows[:, None] + (channel * so_c)[None, :], mask=tile_mask, other=0.0), F64)
-        dx = to_compute(tl.load(off_rows[:, None] + ((channel + 1) * so_c)[None, :], mask=tile_mask, other=0.0), F64)
-        y = keep_indexable((oy * stride_h - pad_h + (k // KW) * dil_h)[:, None] + dy)
-        x = keep_indexable((ox * stride_w - pad_w + (k % KW) * dil_w)[:, None] + dx)
-    # y, x: [BLOCK_M, 1] (ROW_GROUP) or [BLOCK_M, BLOCK_K]; the corners broadcast over the columns.
-    zero = tile_mask.to(x.dtype) * 0
-    value = zero
-    value_dy = zero
-    value_dx = zero
-    for t in tl.static_range(4):
-        xi, yi, _, inside, weight, dwx, dwy, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
-        v = tl.load(x_tile + as_index(yi, INDEX_64) * sx_h + as_index(xi, INDEX_64) * sx_w, mask=inside & tile_mask, other=0.0)
-        v = to_compute(v, F64)
-        value += weight * v
-        value_dy += dwy * v
-        value_dx += dwx * v
-    if HAS_MASK:
-        if ROW_GROUP:
-            modulation = zero + to_compute(tl.load(mask_rows + as_index(g * K + k, INDEX_64) * sm_c, mask=row_mask, other=0.0), F64)[:, None]
-        else:
-            mask_tile = mask_rows[:, None] + (as_index(g * K + k, INDEX_64) * sm_c)[None, :]
-            modulation = to_compute(tl.load(mask_tile, mask=tile_mask, other=0.0), F64)
+        tile = tl.load(rows[None, :] + columns[:, None], mask=row_mask[None, :] & column_mask[:, None], other=0.0)
+        return tl.trans(tile)
+
+
+@triton.jit
+def scatter_add(rows, columns, values, row_mask, column_mask, CHANNELS_FASTEST: tl.constexpr):
+    """Atomically add ``values`` [BLOCK_M, BLOCK_K] at ``rows[m] + columns[c]``, oriented as ``gather``."""
+    if CHANNELS_FASTEST:
+        tl.atomic_add(rows[:, None] + columns[None, :], values, mask=row_mask[:, None] & column_mask[None, :],
+                      sem="relaxed")
     else:
-        modulation = zero + 1
-    return value, value_dy, value_dx, modulation
+        tl.atomic_add(rows[None, :] + columns[:, None], tl.trans(values),
+                      mask=row_mask[None, :] & column_mask[:, None], sem="relaxed")
 
 
 @triton.jit
@@ -93,56 +95,74 @@ def gemm_operand(x, LOW_PRECISION: tl.constexpr, dtype: tl.constexpr):
 
 @triton.jit(do_not_specialize=SIZES)
 def _deform_conv_fwd_kernel(
-    x_ptr,  # [N, C, H, W] input
+    x_ptr,  # [N, C, H, W] input (channels-last for CHANNELS_FASTEST)
     off_ptr,  # [N, 2 * G * K, HO, WO] offsets: channel 2 (g K + k) is dy, + 1 is dx
     mask_ptr,  # [N, G * K, HO, WO] modulation (HAS_MASK)
     w_ptr,  # [COUT, CG, KH, KW] weight
     b_ptr,  # [COUT] bias (HAS_BIAS)
     out_ptr,  # [N, COUT, HO, WO] output
-    M, C, H, W, COUT, HO, WO, KW, K,  # M = N * HO * WO rows; K = KH * KW taps
+    P,  # HO * WO output pixels per image
+    H, W, WO, KW, K,  # K = KH * KW taps
     CG, COG, CPG,  # input channels per conv group, output channels per conv group, input channels per offset group
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
-    so_n, so_c, so_h, so_w,
-    sm_n, sm_c, sm_h, sm_w,
+    so_n, so_c, so_p,
+    sm_n, sm_c, sm_p,
     sw_o, sw_i, sw_h, sw_w,
-    sy_n, sy_c, sy_h, sy_w,
+    sy_n, sy_c, sy_p,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, F64: tl.constexpr,
     LOW_PRECISION: tl.constexpr,  # feed tl.dot half operands (float16 / bfloat16 tensors)
-    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for float32 operands: "ieee" is exact
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for float32 operands ("ieee", "tf32x3", "tf32")
     INDEX_64: tl.constexpr,
-    ROW_GROUP: tl.constexpr,  # one offset group (G = 1): sample points per row, not per (row, channel)
+    CHANNELS_FASTEST: tl.constexpr,  # gather with a warp's threads along channels (channels-last input)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    m = as_index(tl.program_id(0), INDEX_64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = m < M
-    n, oy, ox = output_rows(m, HO, WO)
-    blocks_per_group = tl.cdiv(COG, BLOCK_N)
-    group = tl.program_id(1) // blocks_per_group
-    co = group * COG + (tl.program_id(1) % blocks_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_mask = co < (group + 1) * COG
-    x_rows = x_ptr + n * sx_n
-    off_rows = off_ptr + n * so_n + oy * so_h + ox * so_w
-    mask_rows = mask_ptr + n * sm_n + oy * sm_h + ox * sm_w
+    """One program: BLOCK_M pixels of one image x BLOCK_N output channels of one conv group.
+
+    For each tap and each offset group overlapping the conv group, the sample point of every row
+    (offsets, corners, bilinear weights times the modulation) is computed once; the A tile of each
+    channel chunk is then summed corner by corner (one loaded corner live at a time) and multiplied.
+    """
+    n, p, row_mask = image_pixels(tl.program_id(0), P, BLOCK_M, INDEX_64)
+    oy = p // WO
+    ox = p % WO
+    group, co, co_mask = output_channels(tl.program_id(1), COG, BLOCK_N)
+    x_image = x_ptr + n * sx_n
+    off_rows = off_ptr + n * so_n + p * so_p
+    mask_rows = mask_ptr + n * sm_n + p * sm_p
+    first_og = (group * CG) // CPG
+    last_og = ((group + 1) * CG - 1) // CPG
     acc = to_compute(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), F64)
     for k in range(0, K):
-        for c0 in range(0, CG, BLOCK_K):
-            cl = c0 + tl.arange(0, BLOCK_K)
-            c_mask = cl < CG
-            ci = group * CG + cl
-            value, _, _, modulation = deform_sample(
-                x_rows, off_rows, mask_rows, oy, ox, row_mask, ci, c_mask, 0 if ROW_GROUP else ci // CPG, k, KW, K, H, W,
-                sx_c, sx_h, sx_w, so_c, sm_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, F64, INDEX_64,
-                ROW_GROUP,
-            )
-            w_tile = w_ptr + (co * sw_o)[None, :] + (cl * sw_i)[:, None] + (k // KW) * sw_h + (k % KW) * sw_w
-            weight = tl.load(w_tile, mask=c_mask[:, None] & co_mask[None, :], other=0.0)
-            a = gemm_operand(value * modulation, LOW_PRECISION, w_ptr.dtype.element_ty)
-            b = gemm_operand(to_compute(weight, F64), LOW_PRECISION, w_ptr.dtype.element_ty)
-            acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+        for og in range(first_og, last_og + 1):
+            channel = as_index(og * K + k, INDEX_64)
+            dy = to_compute(tl.load(off_rows + 2 * channel * so_c, mask=row_mask, other=0.0), F64)
+            dx = to_compute(tl.load(off_rows + (2 * channel + 1) * so_c, mask=row_mask, other=0.0), F64)
+            y, x = tap_position(oy, ox, k, KW, dy, dx, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
+            if HAS_MASK:
+                modulation = to_compute(tl.load(mask_rows + channel * sm_c, mask=row_mask, other=0.0), F64)
+            else:
+                modulation = tl.full([BLOCK_M], 1.0, dy.dtype)
+            lo = tl.maximum(og * CPG, group * CG)
+            hi = tl.minimum((og + 1) * CPG, (group + 1) * CG)
+            for c0 in range(lo, hi, BLOCK_K):
+                ci = c0 + tl.arange(0, BLOCK_K)
+                c_mask = ci < hi
+                a = to_compute(tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), F64)
+                for t in tl.static_range(4):
+                    xi, yi, _, inside, weight, _, _, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
+                    rows = x_image + as_index(yi, INDEX_64) * sx_h + as_index(xi, INDEX_64) * sx_w
+                    value = gather(rows, as_index(ci, INDEX_64) * sx_c, row_mask & inside, c_mask, CHANNELS_FASTEST)
+                    a += (weight * modulation)[:, None] * to_compute(value, F64)
+                cl = ci - group * CG
+                w_tile = w_ptr + (co * sw_o)[None, :] + (cl * sw_i)[:, None] + (k // KW) * sw_h + (k % KW) * sw_w
+                w = tl.load(w_tile, mask=c_mask[:, None] & co_mask[None, :], other=0.0)
+                a = gemm_operand(a, LOW_PRECISION, w_ptr.dtype.element_ty)
+                b = gemm_operand(to_compute(w, F64), LOW_PRECISION, w_ptr.dtype.element_ty)
+                acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     if HAS_BIAS:
         acc += to_compute(tl.load(b_ptr + co, mask=co_mask, other=0.0), F64)[None, :]
-    out = (out_ptr + n * sy_n + oy * sy_h + ox * sy_w)[:, None] + (as_index(co, INDEX_64) * sy_c)[None, :]
+    out = (out_ptr + n * sy_n + p * sy_p)[:, None] + (as_index(co, INDEX_64) * sy_c)[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & co_mask[None, :])
 
 
@@ -150,46 +170,62 @@ def _deform_conv_fwd_kernel(
 def _deform_conv_bwd_data_kernel(
     gy_ptr,  # [N, COUT, HO, WO] gradient of the output
     x_ptr, off_ptr, mask_ptr, w_ptr,  # as in the forward
-    gx_ptr,  # [N, C, H, W] zero-filled gradient of the input, accumulated atomically (INPUT_GRAD)
-    col_ptr,  # [M, C, K] contiguous out: the modulated column gradient (COLUMNS)
+    gx_ptr,  # [N, C, H, W] zero-filled gradient of the input with x's strides, compute dtype, added atomically (INPUT_GRAD)
+    col_ptr,  # [N * HO * WO, K, C] contiguous out: the modulated column gradient (COLUMNS)
     goff_ptr,  # [N, 2 * G * K, HO, WO] contiguous gradient of the offsets (OFFSET_GRAD)
     gmask_ptr,  # [N, G * K, HO, WO] contiguous gradient of the mask (MASK_GRAD)
-    M, C, H, W, COUT, HO, WO, KW, K, CG, COG, CPG,
+    P, C, H, W, WO, KW, K, CG, COG, CPG,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
-    so_n, so_c, so_h, so_w,
-    sm_n, sm_c, sm_h, sm_w,
+    so_n, so_c, so_p,
+    sm_n, sm_c, sm_p,
     sw_o, sw_i, sw_h, sw_w,
-    sgy_n, sgy_c, sgy_h, sgy_w,
-    sgx_n, sgx_c, sgx_h, sgx_w,
+    sgy_n, sgy_c, sgy_p,
     HAS_MASK: tl.constexpr, F64: tl.constexpr, LOW_PRECISION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    INDEX_64: tl.constexpr, CHANNELS_FASTEST: tl.constexpr,
     INPUT_GRAD: tl.constexpr,  # scatter into gx_ptr with atomics
     COLUMNS: tl.constexpr,  # write the column gradient instead, for the sorted (deterministic) backward
     OFFSET_GRAD: tl.constexpr, MASK_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program: a block of output pixels and one offset group g, every tap and channel of g.
+    """One program: BLOCK_M pixels of one image and one offset group g, every tap and channel of g.
 
-    The column gradient grad_y @ W^T of each (tap, channel chunk) is formed in registers; it is
-    scattered into grad_input through the bilinear weights and reduced over g's channels into
-    grad_offset and grad_mask, which this program alone writes (no atomics there).
+    The column gradient grad_y @ W^T of each (tap, channel chunk) is formed in registers. Corner by
+    corner it is scattered into grad_input through the bilinear weights, and contracted with the
+    corner's values over the chunk's channels into one number per row, from which grad_offset and
+    grad_mask follow (d value / d y = sum over corners of d weight / d y * corner value): only one
+    loaded corner is live at a time. This program alone writes g's grad_offset and grad_mask.
+
+    The column gradient is formed transposed, W^T @ grad_y^T, and transposed back: the product's
+    layout is then not a tensor-core accumulator layout, and the corner arithmetic runs in the
+    gathered tiles' layout with one conversion of the column gradient per chunk instead of three
+    conversions per corner (Triton resolves a clash of an MMA result with a loaded tile in favour of
+    the MMA layout).
     """
-    m = as_index(tl.program_id(0), INDEX_64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = m < M
-    n, oy, ox = output_rows(m, HO, WO)
+    n, p, row_mask = image_pixels(tl.program_id(0), P, BLOCK_M, INDEX_64)
+    oy = p // WO
+    ox = p % WO
     g = tl.program_id(1)
-    x_rows = x_ptr + n * sx_n
-    off_rows = off_ptr + n * so_n + oy * so_h + ox * so_w
-    mask_rows = mask_ptr + n * sm_n + oy * sm_h + ox * sm_w
-    gy_rows = gy_ptr + n * sgy_n + oy * sgy_h + ox * sgy_w
-    gx_rows = gx_ptr + n * sgx_n
+    G = C // CPG
+    x_image = x_ptr + n * sx_n
+    gx_image = gx_ptr + n * sx_n
+    off_rows = off_ptr + n * so_n + p * so_p
+    mask_rows = mask_ptr + n * sm_n + p * sm_p
+    gy_rows = gy_ptr + n * sgy_n + p * sgy_p
     first_group = (g * CPG) // CG
     last_group = ((g + 1) * CPG - 1) // CG
     for k in range(0, K):
-        grad_dy = to_compute(tl.zeros([BLOCK_M], dtype=tl.float32), F64)
-        grad_dx = grad_dy
-        grad_mod = grad_dy
+        channel = as_index(g * K + k, INDEX_64)
+        dy = to_compute(tl.load(off_rows + 2 * channel * so_c, mask=row_mask, other=0.0), F64)
+        dx = to_compute(tl.load(off_rows + (2 * channel + 1) * so_c, mask=row_mask, other=0.0), F64)
+        y, x = tap_position(oy, ox, k, KW, dy, dx, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
+        if HAS_MASK:
+            modulation = to_compute(tl.load(mask_rows + channel * sm_c, mask=row_mask, other=0.0), F64)
+        else:
+            modulation = tl.full([BLOCK_M], 1.0, dy.dtype)
+        grad_dy = tl.zeros_like(dy)
+        grad_dx = tl.zeros_like(dy)
+        grad_mod = tl.zeros_like(dy)
         for group in range(first_group, last_group + 1):
             lo = tl.maximum(g * CPG, group * CG)
             hi = tl.minimum((g + 1) * CPG, (group + 1) * CG)
@@ -197,144 +233,139 @@ def _deform_conv_bwd_data_kernel(
                 ci = c0 + tl.arange(0, BLOCK_K)
                 c_mask = ci < hi
                 cl = ci - group * CG
-                gcol = to_compute(tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), F64)
+                gcol_t = to_compute(tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32), F64)
                 for co0 in range(group * COG, (group + 1) * COG, BLOCK_N):
                     co = co0 + tl.arange(0, BLOCK_N)
                     co_mask = co < (group + 1) * COG
-                    gy_tile = gy_rows[:, None] + (as_index(co, INDEX_64) * sgy_c)[None, :]
-                    gy = tl.load(gy_tile, mask=row_mask[:, None] & co_mask[None, :], other=0.0)
-                    w_tile = w_ptr + (co * sw_o)[:, None] + (cl * sw_i)[None, :] + (k // KW) * sw_h + (k % KW) * sw_w
-                    weight = tl.load(w_tile, mask=co_mask[:, None] & c_mask[None, :], other=0.0)
-                    a = gemm_operand(to_compute(gy, F64), LOW_PRECISION, w_ptr.dtype.element_ty)
-                    b = gemm_operand(to_compute(weight, F64), LOW_PRECISION, w_ptr.dtype.element_ty)
-                    gcol += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=gcol.dtype)
-                value, value_dy, value_dx, modulation = deform_sample(
-                    x_rows, off_rows, mask_rows, oy, ox, row_mask, ci, c_mask, g, k, KW, K, H, W,
-                    sx_c, sx_h, sx_w, so_c, sm_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, F64, INDEX_64,
-                    True,
-                )
-                if MASK_GRAD:
-                    grad_mod += tl.sum(gcol * value, axis=1)
-                if OFFSET_GRAD:
-                    grad_dy += tl.sum(gcol * modulation * value_dy, axis=1)
-                    grad_dx += tl.sum(gcol * modulation * value_dx, axis=1)
-                if INPUT_GRAD:
-                    _scatter_input_grad(
-                        gx_rows, off_rows, oy, ox, row_mask, ci, c_mask, g, k, KW, K, H, W,
-                        gcol * modulation, sgx_c, sgx_h, sgx_w, so_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                        F64, INDEX_64, gx_ptr.dtype.element_ty,
-                    )
+                    w_tile = w_ptr + (co * sw_o)[None, :] + (cl * sw_i)[:, None] + (k // KW) * sw_h + (k % KW) * sw_w
+                    w = tl.load(w_tile, mask=c_mask[:, None] & co_mask[None, :], other=0.0)
+                    gy_tile = gy_rows[None, :] + (as_index(co, INDEX_64) * sgy_c)[:, None]
+                    gy = tl.load(gy_tile, mask=co_mask[:, None] & row_mask[None, :], other=0.0)
+                    a = gemm_operand(to_compute(w, F64), LOW_PRECISION, w_ptr.dtype.element_ty)
+                    b = gemm_operand(to_compute(gy, F64), LOW_PRECISION, w_ptr.dtype.element_ty)
+                    gcol_t += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=gcol_t.dtype)
+                gcol = tl.trans(gcol_t)
+                for t in tl.static_range(4):
+                    xi, yi, _, inside, weight, dwx, dwy, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
+                    if OFFSET_GRAD or MASK_GRAD:
+                        rows = x_image + as_index(yi, INDEX_64) * sx_h + as_index(xi, INDEX_64) * sx_w
+                        value = gather(rows, as_index(ci, INDEX_64) * sx_c, row_mask & inside, c_mask, CHANNELS_FASTEST)
+                        dot_value = tl.sum(gcol * to_compute(value, F64), axis=1)
+                        grad_mod += weight * dot_value
+                        grad_dy += dwy * dot_value
+                        grad_dx += dwx * dot_value
+                    if INPUT_GRAD:
+                        rows = gx_image + as_index(yi, INDEX_64) * sx_h + as_index(xi, INDEX_64) * sx_w
+                        grad = ((weight * modulation)[:, None] * gcol).to(gx_ptr.dtype.element_ty)
+                        scatter_add(rows, as_index(ci, INDEX_64) * sx_c, grad, row_mask & inside, c_mask,
+                                    CHANNELS_FASTEST)
                 if COLUMNS:
-                    cols = col_ptr + (m[:, None] * C + ci[None, :]) * K + k
-                    tl.store(cols, gcol * modulation, mask=row_mask[:, None] & c_mask[None, :])
-        pixel = oy * WO + ox
+                    cols = col_ptr + ((n * P + p) * K + k)[:, None] * C + ci[None, :]
+                    tl.store(cols, modulation[:, None] * gcol, mask=row_mask[:, None] & c_mask[None, :])
         if OFFSET_GRAD:
-            goff = goff_ptr + (n * (2 * (C // CPG) * K) + 2 * (g * K + k)) * (HO * WO) + pixel
-            tl.store(goff, grad_dy.to(goff_ptr.dtype.element_ty), mask=row_mask)
-            tl.store(goff + HO * WO, grad_dx.to(goff_ptr.dtype.element_ty), mask=row_mask)
+            goff = goff_ptr + (n * (2 * G * K) + 2 * channel) * P + p
+            tl.store(goff, (modulation * grad_dy).to(goff_ptr.dtype.element_ty), mask=row_mask)
+            tl.store(goff + P, (modulation * grad_dx).to(goff_ptr.dtype.element_ty), mask=row_mask)
         if MASK_GRAD:
-            gmask = gmask_ptr + (n * ((C // CPG) * K) + g * K + k) * (HO * WO) + pixel
+            gmask = gmask_ptr + (n * (G * K) + channel) * P + p
             tl.store(gmask, grad_mod.to(gmask_ptr.dtype.element_ty), mask=row_mask)
 
 
-@triton.jit
-def _scatter_input_grad(
-    gx_rows, off_rows, oy, ox, row_mask, ci, c_mask, g, k, KW, K, H, W,
-    grad,  # [BLOCK_M, BLOCK_K] gradient of each row's sample of each channel
-    sgx_c, sgx_h, sgx_w, so_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    F64: tl.constexpr, INDEX_64: tl.constexpr, dtype: tl.constexpr,
-):
-    """Add each sample's gradient into its four input pixels, weighted as the forward read them."""
-    tile_mask = row_mask[:, None] & c_mask[None, :]
-    channel = as_index(2 * (g * K + k), INDEX_64)
-    dy = to_compute(tl.load(off_rows + channel * so_c, mask=row_mask, other=0.0), F64)
-    dx = to_compute(tl.load(off_rows + (channel + 1) * so_c, mask=row_mask, other=0.0), F64)
-    y = keep_indexable(oy * stride_h - pad_h + (k // KW) * dil_h + dy)
-    x = keep_indexable(ox * stride_w - pad_w + (k % KW) * dil_w + dx)
-    for t in tl.static_range(4):
-        xi, yi, _, inside, weight, _, _, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
-        pixel = as_index(yi, INDEX_64) * sgx_h + as_index(xi, INDEX_64) * sgx_w
-        ptrs = (gx_rows + pixel)[:, None] + (as_index(ci, INDEX_64) * sgx_c)[None, :]
-        tl.atomic_add(ptrs, (weight[:, None] * grad).to(dtype), mask=inside[:, None] & tile_mask)
-
-
-@triton.jit(do_not_specialize=SIZES + ["ROWS_PER_SPLIT"])
+@triton.jit(do_not_specialize=SIZES + ["ROWS", "ROWS_PER_SPLIT"])
 def _deform_conv_bwd_weight_kernel(
     gy_ptr,  # [N, COUT, HO, WO] gradient of the output
     x_ptr, off_ptr, mask_ptr,  # as in the forward
     gw_ptr,  # [SPLITS, COUT, CG, KH, KW] contiguous out: each split's sum, in the compute dtype
-    M, C, H, W, COUT, HO, WO, KW, K, CG, COG, CPG,
-    ROWS_PER_SPLIT,  # output pixels (GEMM rows) each split sums
+    P,  # HO * WO output pixels per image
+    P_PAD,  # P rounded up to a multiple of 128: the rows of an image in the padded row space
+    ROWS,  # N * P_PAD
+    ROWS_PER_SPLIT,  # padded rows each split sums, a multiple of 128
+    H, W, WO, KW, K, COUT, CG, COG, CPG,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
-    so_n, so_c, so_h, so_w,
-    sm_n, sm_c, sm_h, sm_w,
-    sgy_n, sgy_c, sgy_h, sgy_w,
+    so_n, so_c, so_p,
+    sm_n, sm_c, sm_p,
+    sgy_n, sgy_c, sgy_p,
     HAS_MASK: tl.constexpr, F64: tl.constexpr, LOW_PRECISION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    INDEX_64: tl.constexpr,
-    ROW_GROUP: tl.constexpr,  # one offset group (G = 1): sample points per row, not per (row, channel)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INDEX_64: tl.constexpr, CHANNELS_FASTEST: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # 32, 64 or 128: a divisor of 128, so no block of rows straddles two images
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_weight[co, c, k] = sum over pixels of grad_y[m, co] * sample[m, c, k]: an implicit GEMM
     over the pixels that samples again instead of reading a column buffer.
 
     The reduction over pixels is split into SPLITS = num_programs(2) / K ranges of ROWS_PER_SPLIT
-    rows, so that a small weight still gets enough programs to fill the GPU. Each program owns one
-    [BLOCK_N, BLOCK_K] tile of one tap and one range, sums it in order and stores it; the host adds
-    the splits in order: no atomics, the same bits on every run.
+    rows of the padded row space (each image's pixels padded to P_PAD rows), so that a small weight
+    still gets enough programs to fill the GPU. Each program owns one [BLOCK_N, BLOCK_K] tile of one
+    tap and one range, sums it in order and stores it; the host adds the splits in order: no
+    atomics, the same bits on every run.
     """
-    blocks_per_group = tl.cdiv(COG, BLOCK_N)
-    group = tl.program_id(0) // blocks_per_group
-    co = group * COG + (tl.program_id(0) % blocks_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_mask = co < (group + 1) * COG
+    group, co, co_mask = output_channels(tl.program_id(0), COG, BLOCK_N)
     cl = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     c_mask = cl < CG
     ci = group * CG + cl
+    first_og = (group * CG + tl.program_id(1) * BLOCK_K) // CPG
+    last_og = (group * CG + tl.minimum((tl.program_id(1) + 1) * BLOCK_K, CG) - 1) // CPG
     split = as_index(tl.program_id(2) // K, INDEX_64)
     k = tl.program_id(2) % K
     start = split * ROWS_PER_SPLIT
-    end = tl.minimum(start + ROWS_PER_SPLIT, M)
+    end = tl.minimum(start + ROWS_PER_SPLIT, ROWS)
     acc = to_compute(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), F64)
-    for m0 in range(start, end, BLOCK_M):
-        m = m0 + tl.arange(0, BLOCK_M)
-        row_mask = m < end
-        n, oy, ox = output_rows(m, HO, WO)
-        value, _, _, modulation = deform_sample(
-            x_ptr + n * sx_n, off_ptr + n * so_n + oy * so_h + ox * so_w, mask_ptr + n * sm_n + oy * sm_h + ox * sm_w,
-            oy, ox, row_mask, ci, c_mask, 0 if ROW_GROUP else ci // CPG, k, KW, K, H, W,
-            sx_c, sx_h, sx_w, so_c, sm_c, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, F64, INDEX_64,
-            ROW_GROUP,
-        )
-        gy_rows = gy_ptr + n * sgy_n + oy * sgy_h + ox * sgy_w
-        gy_tile = gy_rows[None, :] + (as_index(co, INDEX_64) * sgy_c)[:, None]
+    for r0 in range(start, end, BLOCK_M):
+        n = r0 // P_PAD
+        p = r0 % P_PAD + tl.arange(0, BLOCK_M)
+        row_mask = p < P
+        oy = p // WO
+        ox = p % WO
+        x_image = x_ptr + n * sx_n
+        off_rows = off_ptr + n * so_n + p * so_p
+        mask_rows = mask_ptr + n * sm_n + p * sm_p
+        b = to_compute(tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), F64)
+        for og in range(first_og, last_og + 1):
+            channel = as_index(og * K + k, INDEX_64)
+            dy = to_compute(tl.load(off_rows + 2 * channel * so_c, mask=row_mask, other=0.0), F64)
+            dx = to_compute(tl.load(off_rows + (2 * channel + 1) * so_c, mask=row_mask, other=0.0), F64)
+            y, x = tap_position(oy, ox, k, KW, dy, dx, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
+            if HAS_MASK:
+                modulation = to_compute(tl.load(mask_rows + channel * sm_c, mask=row_mask, other=0.0), F64)
+            else:
+                modulation = tl.full([BLOCK_M], 1.0, dy.dtype)
+            og_mask = c_mask & (ci >= og * CPG) & (ci < (og + 1) * CPG)
+            for t in tl.static_range(4):
+                xi, yi, _, inside, weight, _, _, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
+                rows = x_image + as_index(yi, INDEX_64) * sx_h + as_index(xi, INDEX_64) * sx_w
+                value = gather(rows, as_index(ci, INDEX_64) * sx_c, row_mask & inside, og_mask, CHANNELS_FASTEST)
+                b += (weight * modulation)[:, None] * to_compute(value, F64)
+        gy_tile = (gy_ptr + n * sgy_n + p * sgy_p)[None, :] + (as_index(co, INDEX_64) * sgy_c)[:, None]
         gy = tl.load(gy_tile, mask=co_mask[:, None] & row_mask[None, :], other=0.0)
         a = gemm_operand(to_compute(gy, F64), LOW_PRECISION, gy_ptr.dtype.element_ty)
-        b = gemm_operand(value * modulation, LOW_PRECISION, gy_ptr.dtype.element_ty)
+        b = gemm_operand(b, LOW_PRECISION, gy_ptr.dtype.element_ty)
         acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     gw = gw_ptr + ((split * COUT + co)[:, None] * CG + cl[None, :]) * K + k
     tl.store(gw, acc, mask=co_mask[:, None] & c_mask[None, :])
 
 
-@triton.jit(do_not_specialize=SIZES)
+@triton.jit(do_not_specialize=SIZES + ["P", "G"])
 def _deform_conv_taps_kernel(
     off_ptr,  # [N, 2 * G * K, HO, WO] offsets
-    key_ptr,  # [M, G, K, 4] int64 out: ((n G + g) H + y) W + x of each corner read, -1 where it misses
-    weight_ptr,  # [M, G, K, 4] out: the corner's bilinear weight
-    M, H, W, HO, WO, KW, K, G,
+    key_ptr,  # [N * HO * WO, G, K, 4] int64 out: ((n G + g) H + y) W + x of each corner read, -1 where it misses
+    weight_ptr,  # [N * HO * WO, G, K, 4] out: the corner's bilinear weight
+    P, H, W, WO, KW, K, G,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    so_n, so_c, so_h, so_w,
+    so_n, so_c, so_p,
     F64: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """List every input pixel each (output pixel, offset group, tap) reads, for the sorted backward."""
-    m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = m < M
-    n, oy, ox = output_rows(m, HO, WO)
+    n, p, row_mask = image_pixels(tl.program_id(0), P, BLOCK_M, True)
+    oy = p // WO
+    ox = p % WO
     g = tl.program_id(1) // K
     k = tl.program_id(1) % K
-    off = off_ptr + n * so_n + oy * so_h + ox * so_w + 2 * (g * K + k) * so_c
-    y = keep_indexable(oy * stride_h - pad_h + (k // KW) * dil_h + to_compute(tl.load(off, mask=row_mask, other=0.0), F64))
-    x = keep_indexable(ox * stride_w - pad_w + (k % KW) * dil_w + to_compute(tl.load(off + so_c, mask=row_mask, other=0.0), F64))
-    entry = ((m * G + g) * K + k) * 4
+    off = off_ptr + n * so_n + p * so_p + 2 * (g * K + k) * so_c
+    dy = to_compute(tl.load(off, mask=row_mask, other=0.0), F64)
+    dx = to_compute(tl.load(off + so_c, mask=row_mask, other=0.0), F64)
+    y, x = tap_position(oy, ox, k, KW, dy, dx, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
+    entry = (((n * P + p) * G + g) * K + k) * 4
     for t in tl.static_range(4):
         xi, yi, _, inside, weight, _, _, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
         key = ((n * G + g) * H + yi) * W + xi
@@ -344,7 +375,7 @@ def _deform_conv_taps_kernel(
 
 @triton.jit(do_not_specialize=["E", "C", "H", "W", "K", "G", "CPG"])
 def _deform_conv_bwd_sorted_kernel(
-    col_ptr,  # [M, C, K] modulated column gradient
+    col_ptr,  # [N * HO * WO, K, C] modulated column gradient
     gx_ptr,  # [N, C, H, W] zero-filled gradient of the input, each (pixel, channel) written once
     sorted_key_ptr,  # [E] keys of _deform_conv_taps_kernel sorted ascending (stable), -1 first
     order_ptr,  # [E] position of each sorted key in the unsorted list
@@ -355,7 +386,12 @@ def _deform_conv_bwd_sorted_kernel(
     F64: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """grad_input without atomics: the first entry of each run of equal keys sums the run, in order."""
-    e, key, first, run_end, longest = sorted_runs(sorted_key_ptr, run_end_ptr, E, BLOCK_E)
+    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_mask = e < E
+    key = tl.load(sorted_key_ptr + e, mask=e_mask, other=-1)
+    first = run_starts(e, key, tl.load(sorted_key_ptr + e - 1, mask=e_mask & (e > 0), other=-1))
+    run_end = tl.load(run_end_ptr + e, mask=first, other=0)
+    longest = tl.max(tl.where(first, run_end - e, 0), axis=0)
     safe_key = tl.where(first, key, 0)
     x = safe_key % W
     rest = safe_key // W
@@ -373,7 +409,7 @@ def _deform_conv_bwd_sorted_kernel(
         weight = to_compute(tl.load(weight_ptr + entry, mask=entry_mask, other=0.0), F64)
         k = (entry // 4) % K
         m = entry // (4 * K * G)
-        column = tl.load(col_ptr + (m[:, None] * C + c) * K + k[:, None], mask=entry_mask[:, None] & tile_mask, other=0.0)
+        column = tl.load(col_ptr + (m * K + k)[:, None] * C + c, mask=entry_mask[:, None] & tile_mask, other=0.0)
         acc += weight[:, None] * to_compute(column, F64)
     gx = (gx_ptr + n * sgx_n + y * sgx_h + x * sgx_w)[:, None] + c * sgx_c
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=tile_mask)

@@ -10,14 +10,15 @@ backward kernels chain; the forward kernels simply never use it.
 import triton
 import triton.language as tl
 
-# Enumerations shared with the host (same numbering as ATen's GridSamplerInterpolation/Padding).
-BILINEAR = tl.constexpr(0)
-NEAREST = tl.constexpr(1)
-BICUBIC = tl.constexpr(2)
+from stn_triton.kernels import codes
 
-ZEROS = tl.constexpr(0)
-BORDER = tl.constexpr(1)
-REFLECTION = tl.constexpr(2)
+BILINEAR = tl.constexpr(codes.BILINEAR)
+NEAREST = tl.constexpr(codes.NEAREST)
+BICUBIC = tl.constexpr(codes.BICUBIC)
+
+ZEROS = tl.constexpr(codes.ZEROS)
+BORDER = tl.constexpr(codes.BORDER)
+REFLECTION = tl.constexpr(codes.REFLECTION)
 
 # |coordinate| beyond this is replaced by OUTSIDE: it cannot be a valid pixel of any side that
 # indexes in int32, and 2^31 - 128 is exact in float32 so floor() + 1 still fits in an int32.
@@ -263,36 +264,15 @@ def tap(
 
 
 @triton.jit
-def output_position(i, size, ALIGN_CORNERS: tl.constexpr, F64: tl.constexpr):
-    """Normalized position in [-1, 1] of pixel i of an output side of `size` pixels.
+def run_starts(e, key, previous):
+    """Which positions e of a stably sorted list of tap keys start a run of equal keys.
 
-    PyTorch's affine_grid base: linspace(-1, 1, size) (computed from the nearer end, as ATen's
-    linspace is), scaled by (size - 1) / size when not align_corners; 0 for a side of one pixel.
+    The deterministic backward gathers instead of scattering: the first position of each run
+    (one target pixel; -1 marks taps that miss, and masked positions load as -1) sums the run in
+    its fixed order. ``previous`` is the key at e - 1 (-1 at e = 0).
+
+    The kernels load ``key``, ``previous`` and the run ends themselves: torch.compile's mutation
+    analysis counts a pointer passed to a helper as written when the helper's result addresses a
+    store, so loads that feed store addresses stay in the kernel body.
     """
-    i_f = to_compute(i, F64)
-    size_f = to_compute(i * 0 + size, F64)
-    step = 2.0 / tl.where(size_f > 1, size_f - 1, 1.0)
-    from_start = i_f * step - 1.0
-    from_end = 1.0 - (size_f - 1 - i_f) * step
-    pos = tl.where(i < size // 2, from_start, from_end)
-    if not ALIGN_CORNERS:
-        pos = pos * (size_f - 1) / size_f
-    return tl.where(size_f > 1, pos, 0.0)
-
-
-@triton.jit
-def sorted_runs(sorted_key_ptr, run_end_ptr, E, BLOCK_E: tl.constexpr):
-    """This program's positions e in a stably sorted list of tap keys, and the runs starting there.
-
-    The deterministic backward gathers instead of scattering: the first position of each run of
-    equal keys (one target pixel; -1 marks taps that miss) sums the run in its fixed order.
-    Returns (e, key, first, run_end, longest): first marks run starts, run_end is one past each
-    run (e where not a start), longest the longest run of the block.
-    """
-    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_mask = e < E
-    key = tl.load(sorted_key_ptr + e, mask=e_mask, other=-1)
-    previous = tl.load(sorted_key_ptr + e - 1, mask=e_mask & (e > 0), other=-1)
-    first = e_mask & (key >= 0) & ((key != previous) | (e == 0))
-    run_end = tl.where(first, tl.load(run_end_ptr + e, mask=first, other=0), e)
-    return e, key, first, run_end, tl.max(run_end - e, axis=0)
+    return (key >= 0) & ((key != previous) | (e == 0))

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from stn_triton import reference
+from stn_triton import geometry, reference
 from stn_triton.backend import TORCH, backend
 from stn_triton.ops import affine_grid as _affine_grid_op
 from stn_triton.ops import deform_conv as _deform_conv_op
@@ -47,6 +47,36 @@ def _check_align_corners(align_corners) -> None:
         raise TypeError(f"align_corners must be a bool, got {align_corners!r}")
 
 
+def sampled_dtype(device_type: str, input_dtype: torch.dtype, grid_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``F.grid_sample`` returns inside ``torch.autocast`` on ``device_type``.
+
+    ATen's autocast lists ``grid_sampler`` as "promote" on CUDA (input and grid go to the wider
+    of their dtypes) and as float32 on the CPU (float64 is never cast).
+    """
+    if device_type == "cuda":
+        return torch.promote_types(input_dtype, grid_dtype)
+    return torch.promote_types(torch.promote_types(input_dtype, grid_dtype), torch.float32)
+
+
+def _warp_dtype(input: torch.Tensor) -> torch.dtype:
+    """The output dtype of a fused warp: its input's, or inside autocast what
+    ``F.grid_sample(input, F.affine_grid(theta, ...))`` returns there (F.affine_grid's batched
+    matmul makes the grid in the autocast dtype, unless theta is float64)."""
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return input.dtype
+    return sampled_dtype(device_type, input.dtype, torch.get_autocast_dtype(device_type))
+
+
+def _without_autocast(device_type: str, op, *args):
+    """``op(*args)`` with autocast off: the ops' own host math (the spline solve, the frames) stays
+    in float32 and their outputs take the dtype chosen here, not one autocast would pick."""
+    if not torch.is_autocast_enabled(device_type):
+        return op(*args)
+    with torch.autocast(device_type, enabled=False):
+        return op(*args)
+
+
 def grid_sample(
     input: torch.Tensor,
     grid: torch.Tensor,
@@ -77,7 +107,8 @@ def grid_sample(
         raise ValueError(
             f"grid and input must have the same batch size, got input {tuple(input.shape)} and grid {tuple(grid.shape)}"
         )
-    if grid.dtype != input.dtype:
+    autocasting = torch.is_autocast_enabled(input.device.type)
+    if grid.dtype != input.dtype and not autocasting:
         raise TypeError(f"grid must have input's dtype {input.dtype}, got {grid.dtype}")
     if grid.device != input.device:
         raise ValueError(f"grid must be on input's device {input.device}, got {grid.device}")
@@ -94,7 +125,10 @@ def grid_sample(
         return F.grid_sample(
             input, reference.finite_grid(grid), mode=mode, padding_mode=padding_mode, align_corners=align_corners
         )
-    return _grid_sample_op.grid_sample(input, grid, mode, padding_mode, align_corners)
+    out_dtype = sampled_dtype(input.device.type, input.dtype, grid.dtype) if autocasting else input.dtype
+    return _without_autocast(
+        input.device.type, _grid_sample_op.grid_sample, input, grid, mode, padding_mode, align_corners, out_dtype
+    )
 
 
 def affine_grid(theta: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:
@@ -102,7 +136,8 @@ def affine_grid(theta: torch.Tensor, size: Sequence[int], align_corners: bool = 
 
     theta ``[N, 2, 3]`` with size ``(N, C, H, W)`` -> grid ``[N, H, W, 2]``; theta ``[N, 3, 4]``
     with size ``(N, C, D, H, W)`` -> grid ``[N, D, H, W, 3]``. Output pixel centres are placed on
-    [-1, 1] as ``align_corners`` says, then mapped by theta.
+    [-1, 1] as ``align_corners`` says, then mapped by theta. Inside ``torch.autocast`` the grid has
+    the autocast dtype, as F.affine_grid's has (computed in float32 here, rounded once).
     """
     _check_tensor("theta", theta, (3,))
     size = _int_sequence("size", size)
@@ -120,7 +155,11 @@ def affine_grid(theta: torch.Tensor, size: Sequence[int], align_corners: bool = 
     _check_align_corners(align_corners)
     if backend(theta) == TORCH:
         return F.affine_grid(theta, list(size), align_corners=align_corners)
-    return _affine_grid_op.affine_grid(theta, tuple(size[2:]), align_corners)
+    device_type = theta.device.type
+    out_dtype = theta.dtype
+    if torch.is_autocast_enabled(device_type) and theta.dtype != torch.float64:
+        out_dtype = torch.get_autocast_dtype(device_type)  # F.affine_grid's batched matmul runs in it
+    return _without_autocast(device_type, _affine_grid_op.affine_grid, theta, tuple(size[2:]), align_corners, out_dtype)
 
 
 def _check_sampling(
@@ -139,13 +178,14 @@ def _check_sampling(
         raise ValueError(f"{name} must have non-empty spatial dimensions, got {name} of shape {tuple(input.shape)}")
 
 
-def _check_like_input(name: str, value, input: torch.Tensor, shape: tuple) -> None:
-    """value is a tensor of ``shape`` (None = any size there) with input's dtype and device."""
+def _check_like_input(name: str, value, input: torch.Tensor, shape: tuple, any_dtype: bool = False) -> None:
+    """value is a tensor of ``shape`` (None = any size there) with input's device and, unless
+    ``any_dtype``, its dtype."""
     _check_tensor(name, value, (len(shape),))
     if any(want is not None and got != want for got, want in zip(value.shape, shape)):
         wanted = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
         raise ValueError(f"{name} must have shape {wanted} for input of shape {tuple(input.shape)}, got {tuple(value.shape)}")
-    if value.dtype != input.dtype:
+    if value.dtype != input.dtype and not any_dtype:
         raise TypeError(f"{name} must have input's dtype {input.dtype}, got {value.dtype}")
     if value.device != input.device:
         raise ValueError(f"{name} must be on input's device {input.device}, got {value.device}")
@@ -183,11 +223,13 @@ def affine_grid_sample(
     """
     _check_sampling(input, mode, padding_mode, align_corners)
     nd = input.dim() - 2
-    _check_like_input("theta", theta, input, (input.shape[0], nd, nd + 1))
+    autocasting = torch.is_autocast_enabled(input.device.type)
+    _check_like_input("theta", theta, input, (input.shape[0], nd, nd + 1), any_dtype=autocasting)
     spatial = _output_spatial(size, input)
     if backend(input) == TORCH:
         return reference.affine_grid_sample(input, theta, spatial, mode, padding_mode, align_corners)
-    return _warp_op.affine_grid_sample(input, theta, spatial, mode, padding_mode, align_corners)
+    return _without_autocast(input.device.type, _warp_op.affine_grid_sample, input, theta, spatial, mode, padding_mode,
+                             align_corners, _warp_dtype(input))
 
 
 def perspective_grid_sample(
@@ -205,11 +247,13 @@ def perspective_grid_sample(
     non-finite, which samples nothing). homography ``[N, 3, 3]``. Gradients for input and homography.
     """
     _check_sampling(input, mode, padding_mode, align_corners, ndims=(4,))
-    _check_like_input("homography", homography, input, (input.shape[0], 3, 3))
+    autocasting = torch.is_autocast_enabled(input.device.type)
+    _check_like_input("homography", homography, input, (input.shape[0], 3, 3), any_dtype=autocasting)
     spatial = _output_spatial(size, input)
     if backend(input) == TORCH:
         return reference.perspective_grid_sample(input, homography, spatial, mode, padding_mode, align_corners)
-    return _warp_op.perspective_grid_sample(input, homography, spatial, mode, padding_mode, align_corners)
+    return _without_autocast(input.device.type, _warp_op.perspective_grid_sample, input, homography, spatial, mode,
+                             padding_mode, align_corners, _warp_dtype(input))
 
 
 def tps_grid_sample(
@@ -231,12 +275,15 @@ def tps_grid_sample(
     torch ops; the spline is evaluated per pixel in the kernel. Gradients for input and source_points.
     """
     _check_sampling(input, mode, padding_mode, align_corners, ndims=(4,))
-    _check_like_input("source_points", source_points, input, (input.shape[0], None, 2))
+    autocasting = torch.is_autocast_enabled(input.device.type)
+    _check_like_input("source_points", source_points, input, (input.shape[0], None, 2), any_dtype=autocasting)
     k = source_points.shape[1]
     if k < 3:
         raise ValueError(f"source_points must hold at least 3 points (K >= 3) to fix the affine part, got K = {k}")
     if control_points is None:
-        control_points = reference.regular_control_points(k, input.dtype, input.device)
+        control_points = geometry.default_control_points(
+            k, torch.float64 if input.dtype == torch.float64 else torch.float32, input.device
+        )
     else:
         _check_tensor("control_points", control_points, (2,))
         if tuple(control_points.shape) != (k, 2):
@@ -245,16 +292,16 @@ def tps_grid_sample(
             )
         if control_points.device != input.device:
             raise ValueError(f"control_points must be on input's device {input.device}, got {control_points.device}")
-        control_points = control_points.to(input.dtype)
     spatial = _output_spatial(size, input)
     if backend(input) == TORCH:
         return reference.tps_grid_sample(input, source_points, control_points, spatial, mode, padding_mode, align_corners)
-    return _warp_op.tps_grid_sample(input, source_points, control_points, spatial, mode, padding_mode, align_corners)
+    return _without_autocast(input.device.type, _warp_op.tps_grid_sample, input, source_points, control_points, spatial,
+                             mode, padding_mode, align_corners, _warp_dtype(input))
 
 
 def _check_pixel_warp(src, M, matrix_shape, dsize, mode, padding_mode, align_corners, fill_value):
     _check_sampling(src, mode, padding_mode, align_corners, PADDING_MODES + ("fill",), ndims=(4,), name="src")
-    _check_like_input("M", M, src, (src.shape[0], *matrix_shape))
+    _check_like_input("M", M, src, (src.shape[0], *matrix_shape), any_dtype=torch.is_autocast_enabled(src.device.type))
     if not isinstance(dsize, (list, tuple, torch.Size)) or len(dsize) != 2 or not all(
         isinstance(s, int) and s > 0 for s in dsize
     ):
@@ -289,7 +336,8 @@ def warp_affine(
     fill = _check_pixel_warp(src, M, (2, 3), dsize, mode, padding_mode, align_corners, fill_value)
     if backend(src) == TORCH:
         return reference.warp_affine(src, M, tuple(dsize), mode, padding_mode, align_corners, fill)
-    return _warp_op.warp_affine(src, M, tuple(dsize), mode, padding_mode, align_corners, fill)
+    return _without_autocast(src.device.type, _warp_op.warp_affine, src, M, tuple(dsize), mode, padding_mode, align_corners,
+                             fill, _warp_dtype(src))
 
 
 def warp_perspective(
@@ -309,7 +357,8 @@ def warp_perspective(
     fill = _check_pixel_warp(src, M, (3, 3), dsize, mode, padding_mode, align_corners, fill_value)
     if backend(src) == TORCH:
         return reference.warp_perspective(src, M, tuple(dsize), mode, padding_mode, align_corners, fill)
-    return _warp_op.warp_perspective(src, M, tuple(dsize), mode, padding_mode, align_corners, fill)
+    return _without_autocast(src.device.type, _warp_op.warp_perspective, src, M, tuple(dsize), mode, padding_mode, align_corners,
+                             fill, _warp_dtype(src))
 
 
 def _pair(name: str, value) -> tuple[int, int]:
@@ -345,32 +394,22 @@ def deform_conv2d(
         raise ValueError(
             f"stride and dilation must be >= 1 and padding >= 0, got stride={stride}, padding={padding}, dilation={dilation}"
         )
-    _check_like_input("weight", weight, input, (None, None, None, None))
-    c_out, c_per_group, kh, kw = weight.shape
-    if c_per_group == 0 or input.shape[1] % c_per_group != 0:
-        raise ValueError(
-            f"weight.shape[1] ({c_per_group}) must divide input's {input.shape[1]} channels, got weight of shape {tuple(weight.shape)}"
-        )
-    groups = input.shape[1] // c_per_group
-    if c_out % groups != 0:
-        raise ValueError(f"weight's {c_out} output channels must be divisible by groups = {groups}")
-    taps = kh * kw
-    out_h, out_w = _deform_conv_op.output_size(*input.shape[2:], kh, kw, stride, padding, dilation)
-    if out_h <= 0 or out_w <= 0:
-        raise ValueError(f"the output would be empty: input {tuple(input.shape)}, kernel {kh}x{kw}, stride {stride}, "
-                         f"padding {padding}, dilation {dilation}")
-    _check_like_input("offset", offset, input, (input.shape[0], None, None, None))
-    if taps == 0 or offset.shape[1] == 0 or offset.shape[1] % (2 * taps) != 0:
-        raise ValueError(f"offset must have 2 * offset_groups * {taps} channels for a {kh}x{kw} kernel, got {offset.shape[1]}")
-    offset_groups = offset.shape[1] // (2 * taps)
-    if input.shape[1] % offset_groups != 0:
-        raise ValueError(f"offset's {offset_groups} offset groups must divide input's {input.shape[1]} channels")
-    if tuple(offset.shape[2:]) != (out_h, out_w):
-        raise ValueError(f"offset must have the output's spatial size {(out_h, out_w)}, got {tuple(offset.shape[2:])}")
+    autocasting = torch.is_autocast_enabled(input.device.type)
+    _check_like_input("weight", weight, input, (None, None, None, None), any_dtype=autocasting)
+    _check_like_input("offset", offset, input, (input.shape[0], None, None, None), any_dtype=autocasting)
+    shape = _deform_conv_op.DeformConvShape.of(input.shape, offset.shape, weight.shape, stride, padding, dilation)
     if mask is not None:
-        _check_like_input("mask", mask, input, (input.shape[0], offset_groups * taps, out_h, out_w))
+        _check_like_input("mask", mask, input, shape.mask_shape(), any_dtype=autocasting)
     if bias is not None:
-        _check_like_input("bias", bias, input, (c_out,))
+        _check_like_input("bias", bias, input, (shape.out_channels,), any_dtype=autocasting)
+    if autocasting:
+        # torchvision's autocast rule: float32 arithmetic (float64 stays), the input's dtype out. The
+        # casts are copies, as torchvision's are; beside the convolution they are small.
+        x, offset, weight, bias, mask = [
+            t if t is None or t.dtype == torch.float64 else t.float() for t in (input, offset, weight, bias, mask)
+        ]
+        with torch.autocast(input.device.type, enabled=False):
+            return deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask).to(input.dtype)
     if backend(input) == TORCH:
         return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     return _deform_conv_op.deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation)

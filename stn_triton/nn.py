@@ -9,7 +9,7 @@ from torch.nn import init
 from torch.nn.modules.utils import _pair
 
 from stn_triton import functional
-from stn_triton.reference import regular_control_points
+from stn_triton.geometry import regular_control_points
 
 TRANSFORMS = ("affine", "projective", "tps")
 

@@ -1,16 +1,16 @@
-"""Plain PyTorch implementations of the fused warps, and the host math they share with the kernels.
+"""Plain PyTorch implementations of the fused warps and of deformable convolution.
 
 These run when a CPU tensor is used without ``TRITON_INTERPRET=1`` (see ``stn_triton.backend``):
-they build the sampling grid in memory and call ``F.grid_sample``, as one would without this
-library. The helpers that are not about sampling (base positions, the thin-plate-spline solve,
-kornia's pixel <-> normalized conversions) serve the Triton path as well, so both agree.
+they build the sampling grid (or the column buffer) in memory and call ``F.grid_sample`` (or a
+matmul), as one would without this library. The transform math they share with the Triton path
+(the thin-plate-spline solve, kornia's pixel frames) lives in ``stn_triton.geometry``.
 Shapes: input ``[N, C, H, W]`` (or ``[N, C, D, H, W]`` for the affine warp).
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from stn_triton.geometry import affine_to_homography, normalized_inverse_map, tps_coefficients, tps_radial
 
 
 # Normalized coordinates beyond this are replaced by it (NaN by its negative): far outside any
@@ -62,42 +62,6 @@ def perspective_grid_sample(input, homography, spatial, mode, padding_mode, alig
     return F.grid_sample(input, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
 
 
-def regular_control_points(k: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """``[K, 2]``: a sqrt(K) x sqrt(K) grid over [-1, 1]^2, x fastest; K must be a square."""
-    side = math.isqrt(k)
-    if side * side != k or side < 2:
-        raise ValueError(
-            f"control_points is required when source_points' K is not a square of at least 4, got K = {k}"
-        )
-    line = torch.linspace(-1.0, 1.0, side, dtype=dtype, device=device)
-    return torch.stack(torch.meshgrid(line, line, indexing="xy"), dim=-1).reshape(k, 2)
-
-
-def tps_radial(squared_distance: torch.Tensor) -> torch.Tensor:
-    """U(d) = d log d of a squared distance d, 0 at d = 0."""
-    safe = torch.where(squared_distance > 0, squared_distance, torch.ones_like(squared_distance))
-    return torch.where(squared_distance > 0, squared_distance * torch.log(safe), torch.zeros_like(squared_distance))
-
-
-def tps_coefficients(source_points: torch.Tensor, control_points: torch.Tensor) -> torch.Tensor:
-    """The spline through ``control_points[k] -> source_points[n, k]`` as ``[N, K + 3, 2]``.
-
-    Rows 0..K-1 are the radial weights w_k, rows K..K+2 the affine part (a0, a_x, a_y), one column
-    per output coordinate. Solved in float32 (float64 for float64) with differentiable torch ops.
-    """
-    dtype = torch.float64 if source_points.dtype == torch.float64 else torch.float32
-    c = control_points.to(dtype)
-    k = c.shape[0]
-    kernel = tps_radial(((c[:, None, :] - c[None, :, :]) ** 2).sum(-1))
-    affine = torch.cat([torch.ones_like(c[:, :1]), c], dim=1)
-    system = torch.zeros(k + 3, k + 3, dtype=dtype, device=c.device)
-    system[:k, :k] = kernel
-    system[:k, k:] = affine
-    system[k:, :k] = affine.T
-    rhs = torch.cat([source_points.to(dtype), source_points.new_zeros(source_points.shape[0], 3, 2, dtype=dtype)], 1)
-    return torch.linalg.solve(system, rhs)
-
-
 def tps_grid(coefficients: torch.Tensor, control_points: torch.Tensor, spatial, align_corners: bool) -> torch.Tensor:
     """``[N, H, W, 2]``: the spline of ``tps_coefficients`` evaluated at every base point."""
     base = base_points(spatial, align_corners, coefficients.dtype, coefficients.device).reshape(-1, 2)
@@ -112,37 +76,6 @@ def tps_grid_sample(input, source_points, control_points, spatial, mode, padding
     coefficients = tps_coefficients(source_points, control_points)
     grid = finite_grid(tps_grid(coefficients, control_points, spatial, align_corners)).to(input.dtype)
     return F.grid_sample(input, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
-
-
-def _pixel_to_normalized(height: int, width: int, align_corners: bool, like: torch.Tensor) -> torch.Tensor:
-    """kornia's normal_transform_pixel: ``[3, 3]`` mapping pixel (x, y, 1) to normalized coordinates."""
-    if align_corners:
-        sx, tx = (1.0, 0.0) if width == 1 else (2.0 / (width - 1.0), -1.0)
-        sy, ty = (1.0, 0.0) if height == 1 else (2.0 / (height - 1.0), -1.0)
-    else:
-        sx, tx = 2.0 / width, (1.0 - width) / width
-        sy, ty = 2.0 / height, (1.0 - height) / height
-    return torch.tensor([[sx, 0.0, tx], [0.0, sy, ty], [0.0, 0.0, 1.0]], dtype=like.dtype, device=like.device)
-
-
-def normalized_inverse_map(M: torch.Tensor, src_size, dsize, align_corners: bool) -> torch.Tensor:
-    """``[B, 3, 3]`` destination-normalized -> source-normalized map of a pixel homography M.
-
-    M ``[B, 3, 3]`` maps source pixels to destination pixels, as kornia's warps take it. Computed
-    in float32 (float64 for float64) with differentiable torch ops.
-    """
-    dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
-    M = M.to(dtype)
-    src_norm = _pixel_to_normalized(*src_size, align_corners, M)
-    dst_norm = _pixel_to_normalized(*dsize, align_corners, M)
-    return torch.linalg.inv(dst_norm @ M @ torch.linalg.inv(src_norm))
-
-
-def affine_to_homography(M: torch.Tensor) -> torch.Tensor:
-    """``[B, 2, 3]`` -> ``[B, 3, 3]`` with a last row (0, 0, 1)."""
-    last = torch.zeros_like(M[:, :1, :])
-    last[..., 2] = 1
-    return torch.cat([M, last], dim=1)
 
 
 def _sample_pixel_warp(src, grid, mode, padding_mode, align_corners, fill_value):

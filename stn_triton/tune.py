@@ -4,7 +4,8 @@ Runs every op at the perf suite's shapes (float32 and bfloat16, plus float16 for
 nchw and nhwc) three times: forward, forward + backward, and forward + backward under
 ``torch.use_deterministic_algorithms(True)``, so that every kernel (``stn_triton.tuning.REGISTRY``)
 is launched at the shapes the suite measures. ``triton.autotune`` times each kernel's config
-space there; the winners, keyed as the ops look them up (``stn_triton.tuning``), go to
+space there (``stn_triton.tuning.recording``: table entries ignored, deterministic passes timed
+too); the winners, keyed as the ops look them up (``stn_triton.tuning``), go to
 ``$STN_TRITON_CONFIG_DIR/<gpu>.json`` (default ``~/.cache/stn_triton``), or with ``--ship`` to
 ``stn_triton/configs/<gpu>.json`` inside the package, to commit. Needs a CUDA GPU.
 """
@@ -19,7 +20,8 @@ import triton
 
 import stn_triton
 from stn_triton import tuning
-from stn_triton.tuning import REGISTRY, SHIPPED_TABLES, config_to_json, gpu_name, load_table, user_table_dir
+from stn_triton.shapes import SHAPES, BenchShape
+from stn_triton.tuning import SHIPPED_TABLES, gpu_name, merge_into_table, user_table_dir
 
 PASSES = ("fwd", "fwd+bwd", "fwd+bwd deterministic")
 
@@ -35,10 +37,12 @@ def _near_identity(n, rows, cols, dtype):
     return (torch.eye(rows, cols, device="cuda") + 0.05 * torch.randn(n, rows, cols, device="cuda")).to(dtype)
 
 
-def _runner(op, *tensors):
-    """run(backward): op(*tensors), and with backward=True also its backward into every tensor."""
+def _runner(op, make_tensors, data=()):
+    """run(backward): op(*make_tensors()), and with backward=True also its backward into every
+    tensor but those whose indices ``data`` lists (a model's input image takes no gradient). The
+    tensors are made when the pass runs, so that one workload's inputs at a time hold GPU memory."""
     def run(backward: bool):
-        leaves = [t.detach().requires_grad_(backward) for t in tensors]
+        leaves = [t.detach().requires_grad_(backward and i not in data) for i, t in enumerate(make_tensors())]
         out = op(*leaves)
         if backward:
             out.backward(torch.ones_like(out))
@@ -46,42 +50,50 @@ def _runner(op, *tensors):
 
 
 def _workloads(dtype, layout):
-    """(name, run) pairs at the perf suite's shapes; ``run(backward)`` launches one pass."""
-    def grid_sample(n, c, side, mode="bilinear"):
+    """(case id, run) for every shape of ``stn_triton.shapes.SHAPES`` but the scaling sweep's and the
+    deterministic twins' (the deterministic pass of the twin's base covers it); ``run(backward)``
+    makes its inputs on the GPU and launches one pass of the op the shape names."""
+    return [(case_id, _workload(shape, dtype, layout)) for case_id, shape in SHAPES.items()
+            if shape.sweep is None and not shape.deterministic]
+
+
+def _workload(shape: BenchShape, dtype, layout):
+    """run(backward) for one shape: its op on inputs like the suite's (sampling near the identity)."""
+    n, c, k, nd = shape.N, shape.C, shape.kernel, len(shape.size)
+    size = (n, c, *shape.out_size)
+
+    def image():
+        return _image(n, c, shape.size, dtype, layout)
+
+    if shape.op in ("grid_sample", "affine_grid"):
         # The grid comes from affine_grid inside the pass, so that its kernels are tuned too.
-        x = _image(n, c, (side, side), dtype, layout)
-        size = (n, c, side, side)
-        return _runner(lambda x, t: stn_triton.grid_sample(x, stn_triton.affine_grid(t, size), mode=mode),
-                       x, _near_identity(n, 2, 3, dtype))
+        def sample(x, t):
+            return stn_triton.grid_sample(x, stn_triton.affine_grid(t, size), mode=shape.mode)
+        return _runner(sample, lambda: (image(), _near_identity(n, nd, nd + 1, dtype)))
+    if shape.op in ("affine_grid_sample", "SpatialTransformer"):
+        # In the spatial transformer's training step the image is data: no gradient flows into it.
+        data = (0,) if shape.op == "SpatialTransformer" else ()
+        return _runner(lambda x, t: stn_triton.affine_grid_sample(x, t, size=size),
+                       lambda: (image(), _near_identity(n, nd, nd + 1, dtype)), data)
+    if shape.op == "perspective_grid_sample":
+        return _runner(lambda x, h: stn_triton.perspective_grid_sample(x, h, size=size),
+                       lambda: (image(), _near_identity(n, 3, 3, dtype)))
+    if shape.op == "tps_grid_sample":
+        def tensors():
+            control = torch.rand(shape.K, 2, device="cuda", dtype=dtype) * 2 - 1
+            return image(), control + 0.05 * torch.randn(n, shape.K, 2, device="cuda", dtype=dtype), control
+        # Control points are constants of the spline: no gradient.
+        return _runner(lambda x, s, cp: stn_triton.tps_grid_sample(x, s, cp, size=size), tensors, data=(2,))
+    if shape.op in ("deform_conv2d", "DeformConv2d"):
+        height, width = shape.size
 
-    def affine(n, c, size):
-        x = _image(n, c, size, dtype, layout)
-        return _runner(stn_triton.affine_grid_sample, x, _near_identity(n, len(size), len(size) + 1, dtype))
-
-    def perspective(n, c, side):
-        x = _image(n, c, (side, side), dtype, layout)
-        return _runner(stn_triton.perspective_grid_sample, x, _near_identity(n, 3, 3, dtype))
-
-    def tps(n, c, size_in, size_out, k):
-        x = _image(n, c, size_in, dtype, layout)
-        control = torch.rand(k, 2, device="cuda", dtype=dtype) * 2 - 1
-        source = control + 0.05 * torch.randn(n, k, 2, device="cuda", dtype=dtype)
-        return _runner(lambda x, s: stn_triton.tps_grid_sample(x, s, control, size=(n, c, *size_out)), x, source)
-
-    def dcn(n, c, side):
-        x = _image(n, c, (side, side), dtype, layout)
-        weight = torch.randn(c, c, 3, 3, device="cuda", dtype=dtype) / math.sqrt(9 * c)
-        offset = torch.randn(n, 18, side, side, device="cuda", dtype=dtype)
-        mask = torch.rand(n, 9, side, side, device="cuda", dtype=dtype)
-        return _runner(lambda x, o, w, m: stn_triton.deform_conv2d(x, o, w, padding=1, mask=m), x, offset, weight, mask)
-
-    return [
-        ("grid2d_c3", grid_sample(64, 3, 224)), ("grid2d_c64", grid_sample(32, 64, 128)),
-        ("grid2d_c256_small", grid_sample(4, 256, 16)), ("grid2d_c3_bicubic", grid_sample(64, 3, 224, "bicubic")),
-        ("affine2d_c3", affine(64, 3, (224, 224))), ("affine2d_c64", affine(32, 64, (128, 128))),
-        ("affine3d_c4", affine(4, 4, (64, 64, 64))), ("persp2d_c3", perspective(64, 3, 224)),
-        ("tps_text", tps(256, 3, (64, 200), (32, 100), 20)), ("dcn_r50", dcn(8, 256, 56)), ("dcn_wide", dcn(16, 64, 112)),
-    ]
+        def tensors():
+            weight = torch.randn(shape.out_channels, c, k, k, device="cuda", dtype=dtype) / math.sqrt(k * k * c)
+            offset = torch.randn(n, 2 * k * k, height, width, device="cuda", dtype=dtype)
+            mask = torch.rand(n, k * k, height, width, device="cuda", dtype=dtype)
+            return image(), offset, weight, mask
+        return _runner(lambda x, o, w, m: stn_triton.deform_conv2d(x, o, w, padding=k // 2, mask=m), tensors)
+    raise ValueError(f"no tuning workload for op {shape.op!r}")
 
 
 def _run_pass(run, pass_: str) -> None:
@@ -95,15 +107,7 @@ def _run_pass(run, pass_: str) -> None:
 
 
 def tune(dtypes, layouts) -> dict:
-    """{kernel: {shape key: config}} chosen by autotuning every workload's passes once."""
-    tuning.TUNING = True
-    try:
-        return _tune(dtypes, layouts)
-    finally:
-        tuning.TUNING = False
-
-
-def _tune(dtypes, layouts) -> dict:
+    """{kernel: {shape key: config json}} chosen by autotuning every workload's passes once."""
     table: dict = {}
     for dtype in dtypes:
         for layout in layouts:
@@ -111,15 +115,12 @@ def _tune(dtypes, layouts) -> dict:
                 if dtype == torch.float16 and not name.startswith("dcn"):
                     continue  # float16 is tuned for deform_conv2d only, as the suite measures it
                 for pass_ in PASSES:
-                    for kernel in REGISTRY:
-                        kernel.last_autotuned_key = None
-                    _run_pass(run, pass_)
-                    for kernel in REGISTRY:
-                        if kernel.last_autotuned_key is not None:
-                            best = config_to_json(kernel.autotuned.best_config)
-                            table.setdefault(kernel.name, {})[kernel.last_autotuned_key] = best
-                            print(f"{name} {dtype} {layout} {pass_}: {kernel.name} [{kernel.last_autotuned_key}]"
-                                  f" -> {best}", flush=True)
+                    with tuning.recording() as winners:
+                        _run_pass(run, pass_)
+                    for kernel, entries in winners.items():
+                        for key, best in entries.items():
+                            table.setdefault(kernel, {})[key] = best
+                            print(f"{name} {dtype} {layout} {pass_}: {kernel} [{key}] -> {best}", flush=True)
     return table
 
 
@@ -134,16 +135,9 @@ def main(argv=None) -> int:
     dtypes = (torch.float32,) if args.quick else (torch.float32, torch.bfloat16, torch.float16)
     layouts = ("nchw",) if args.quick else ("nchw", "nhwc")
     gpu = gpu_name()
-    folder = SHIPPED_TABLES if args.ship else user_table_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{gpu}.json"
-    kernels = json.loads(path.read_text())["kernels"] if path.is_file() else {}
-    for kernel, entries in tune(dtypes, layouts).items():
-        kernels.setdefault(kernel, {}).update(entries)
-    header = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__}
-    path.write_text(json.dumps({**header, "kernels": kernels}, indent=1, sort_keys=True) + "\n")
-    load_table.cache_clear()
-    print(f"wrote {sum(len(v) for v in kernels.values())} configs to {path}")
+    path = (SHIPPED_TABLES if args.ship else user_table_dir()) / f"{gpu}.json"
+    size = merge_into_table(path, gpu, tune(dtypes, layouts))
+    print(f"wrote {size} configs to {path}")
     return 0
 
 

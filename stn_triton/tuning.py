@@ -1,38 +1,61 @@
-"""Launch configurations: each kernel's config space, per-GPU tuned tables, and their lookup.
+"""Launch configurations: each kernel's config space, per-GPU tuned tables, and the launch.
 
-A tuned kernel launches with the config that the table of the current GPU holds for its shape
-key (bucketed sizes and dtype); with no entry, ``triton.autotune`` picks among the kernel's
-space on first use of each autotune key. Under Triton's interpreter a kernel gets a single
-config (autotuning there would only time numpy). Tables are JSON files named after the GPU
-(``nvidia-h100-80gb-hbm3.json``): shipped ones in ``stn_triton/configs/``, the user's in
-``$STN_TRITON_CONFIG_DIR`` (default ``~/.cache/stn_triton``), which take precedence.
-``python -m stn_triton.tune`` writes them.
+A kernel launches with the config that the current GPU's table holds for its shape key
+(bucketed sizes, dtype, layout); a shape the table lacks takes the config the kernel's
+heuristic picks from the shape, so no call ever stalls on autotuning. Autotuning is opt-in:
+``STN_TRITON_AUTOTUNE=1`` in the environment or ``stn_triton.tuning.set_autotune(True)``
+makes a shape the table lacks time the kernel's whole config space once, and the winner is
+added to the user's table, so later processes start from it. ``python -m stn_triton.tune``
+tunes the perf suite's shapes and writes the table in one go.
+
+Tables are JSON files named after the GPU (``nvidia-h100-80gb-hbm3.json``): shipped ones in
+``stn_triton/configs/``, the user's in ``$STN_TRITON_CONFIG_DIR`` (default
+``~/.cache/stn_triton``), which take precedence. Under Triton's interpreter every kernel runs
+one fixed config (timing there would only time numpy).
 """
 
+import contextlib
 import functools
 import json
 import os
 import re
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import triton
+from torch.library import wrap_triton
 
 from stn_triton.backend import interpreting
 
 SHIPPED_TABLES = Path(__file__).parent / "configs"
 
+_autotune = os.environ.get("STN_TRITON_AUTOTUNE", "0") == "1"
+# While stn_triton.tune runs: {kernel name: {shape key: config json}} of every autotuned launch,
+# the table entries ignored so that every kernel is timed again, deterministic mode included.
+_recording: dict | None = None
 
-def autotune(configs: list[triton.Config], interpreter_config: triton.Config, key: list[str], reset_to_zero=None):
-    """``triton.autotune`` over ``configs`` on a GPU, or over ``interpreter_config`` alone.
 
-    ``reset_to_zero`` names the outputs a kernel accumulates into with atomics: the autotuner
-    zeroes them before every timed trial and again after the last one, so that the launch which
-    follows the tuning adds into zeros as the caller left them.
-    """
-    return triton.autotune(
-        configs=[interpreter_config] if interpreting() else configs, key=key, reset_to_zero=reset_to_zero
-    )
+def set_autotune(enabled: bool) -> None:
+    """Autotune shapes that the tuned table lacks (True), or take the heuristic's config (False, the default)."""
+    global _autotune
+    _autotune = bool(enabled)
+
+
+def autotune_enabled() -> bool:
+    return _autotune
+
+
+@contextlib.contextmanager
+def recording():
+    """Autotune every launch in the block, table or not, and collect the winners: what ``stn_triton.tune`` does."""
+    global _recording
+    previous, _recording = _recording, {}
+    try:
+        yield _recording
+    finally:
+        _recording = previous
 
 
 def pixel_block_configs(block_sizes=(64, 128, 256), warps=(2, 4, 8), name="BLOCK_P") -> list[triton.Config]:
@@ -44,9 +67,16 @@ def pixel_block_configs(block_sizes=(64, 128, 256), warps=(2, 4, 8), name="BLOCK
 INTERPRETER_PIXEL_BLOCK = triton.Config({"BLOCK_P": 128}, num_warps=4)
 
 
+@functools.cache
+def _device_name(index: int) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(index).lower()).strip("-")
+
+
 def gpu_name(device: torch.device | int | None = None) -> str:
     """The CUDA device's name, lower case, runs of other characters as '-' (``nvidia-h100-80gb-hbm3``)."""
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    if isinstance(device, torch.device):
+        device = device.index
+    return _device_name(torch.cuda.current_device() if device is None else device)
 
 
 def user_table_dir() -> Path:
@@ -55,12 +85,12 @@ def user_table_dir() -> Path:
 
 def bucket(size: int) -> int:
     """The power of two at or above ``size``: nearby shapes share one tuned config."""
-    return triton.next_power_of_2(max(int(size), 1))
+    return 1 << max(int(size) - 1, 0).bit_length()
 
 
 @functools.cache
 def load_table(gpu: str) -> dict:
-    """{kernel: {shape key: config}} for ``gpu``: the shipped table, overridden by the user's."""
+    """{kernel: {shape key: config json}} for ``gpu``: the shipped table, overridden by the user's."""
     table: dict = {}
     for folder in (SHIPPED_TABLES, user_table_dir()):
         path = folder / f"{gpu}.json"
@@ -74,48 +104,121 @@ def config_to_json(config: triton.Config) -> dict:
     return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def lookup(kernel: str, key: str, gpu: str) -> triton.Config | None:
-    """The tuned config of ``kernel`` for shape ``key`` on ``gpu``, or None."""
+def launch_options(config: triton.Config) -> dict:
+    """A config as launch keywords: its meta-parameters, num_warps and num_stages."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def lookup(kernel: str, key: str, gpu: str) -> dict | None:
+    """The launch keywords of ``kernel``'s tuned config for shape ``key`` on ``gpu``, or None."""
     entry = load_table(gpu).get(kernel, {}).get(key)
     if entry is None:
         return None
-    return triton.Config(entry["kwargs"], num_warps=entry["num_warps"], num_stages=entry["num_stages"])
+    return {**entry["kwargs"], "num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
 
 
-TUNING = False  # set by stn_triton.tune: autotune even under deterministic algorithms
+def merge_into_table(path: Path, gpu: str, entries: dict) -> int:
+    """Add {kernel: {shape key: config json}} to the table file at ``path`` (written atomically); returns its size."""
+    kernels = json.loads(path.read_text())["kernels"] if path.is_file() else {}
+    for kernel, configs in entries.items():
+        kernels.setdefault(kernel, {}).update(configs)
+    header = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as file:
+        file.write(json.dumps({**header, "kernels": kernels}, indent=1, sort_keys=True) + "\n")
+    os.replace(file.name, path)
+    load_table.cache_clear()
+    return sum(len(configs) for configs in kernels.values())
+
+
+def _tracing() -> bool:
+    """Whether the ops run on fake tensors (torch.compile tracing): nothing launches, nothing can be timed."""
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
+
+
 REGISTRY: list["TunedKernel"] = []  # every TunedKernel, in the order the ops modules create them
 
 
 class TunedKernel:
-    """A kernel with a config space: the tuned table's config for a shape, else autotuning.
+    """A kernel with a config space, a heuristic for shapes no table holds, and the pointers it writes.
 
-    ``kernel, launch_kwargs = tuned(key, device)``, then ``wrap_triton(kernel)[grid](..., **launch_kwargs)``.
+    ``launch = tuned.choose(key, shape, device)``, then ``launch(grid, **kernel_arguments)``.
 
-    Under ``torch.use_deterministic_algorithms(True)`` a shape the table lacks runs the space's
-    first config instead of autotuning: block sizes fix the order of some sums, and a choice made
-    by timing could differ from one process to the next (``stn_triton.tune`` lifts this, since it
-    must time the deterministic kernels too).
+    ``heuristic(**shape)`` returns the config for a shape the table lacks. It is a pure function
+    of the shape, so the config (and with it the summation order the block sizes fix) is the
+    same in every process: deterministic algorithms never autotune, except while
+    ``stn_triton.tune`` times the deterministic kernels on purpose.
+
+    ``writes`` names every pointer argument the kernel may write; a CPU test checks that
+    torch.compile's analysis of the kernel finds no other (a falsely written input is copied
+    under torch.compile, or raises when it is a leaf that requires grad). ``reset_to_zero``
+    names those the kernel accumulates into with atomics: the autotuner zeroes them before every
+    timed trial and again after the last one.
     """
 
-    def __init__(self, name: str, kernel, configs, interpreter_config: triton.Config, autotune_key: list[str],
-                 reset_to_zero: list[str] | None = None):
+    def __init__(self, name: str, kernel, configs: list[triton.Config], heuristic: Callable[..., triton.Config],
+                 autotune_key: list[str], writes: tuple[str, ...], reset_to_zero: list[str] | None = None,
+                 interpreter_config: triton.Config = INTERPRETER_PIXEL_BLOCK):
         self.name = name
         self.kernel = kernel
-        self.autotuned = autotune(configs, interpreter_config, autotune_key, reset_to_zero)(kernel)
-        self.last_autotuned_key: str | None = None  # read by stn_triton.tune after a launch
+        self.configs = configs
+        self.heuristic = heuristic
+        self.writes = writes
+        self.interpreter_options = launch_options(interpreter_config)
+        self.autotuned = triton.autotune(configs=configs, key=autotune_key, reset_to_zero=reset_to_zero)(kernel)
         REGISTRY.append(self)
 
-    def smallest(self, name: str, launch_kwargs: dict) -> int:
-        """The least value of meta-parameter ``name`` that a launch with ``launch_kwargs`` may use."""
-        if name in launch_kwargs:
-            return launch_kwargs[name]
-        return min(config.kwargs[name] for config in self.autotuned.configs)
+    def choose(self, key: str, shape: dict, device: torch.device) -> "Launch":
+        """How ``kernel`` launches at ``shape`` (its table key ``key``) on ``device``."""
+        if interpreting():
+            return Launch(self, key, device, self.interpreter_options)
+        tuned = lookup(self.name, key, gpu_name(device)) if device.type == "cuda" and _recording is None else None
+        if tuned is not None:
+            return Launch(self, key, device, tuned)
+        timed = _recording is not None or (_autotune and not torch.are_deterministic_algorithms_enabled())
+        if timed and not _tracing():
+            return Launch(self, key, device, None)
+        return Launch(self, key, device, launch_options(self.heuristic(**shape)))
 
-    def __call__(self, key: str, device: torch.device):
-        config = lookup(self.name, key, gpu_name(device)) if device.type == "cuda" else None
-        if config is None and device.type == "cuda" and torch.are_deterministic_algorithms_enabled() and not TUNING:
-            config = self.autotuned.configs[0]
-        if config is None:
-            self.last_autotuned_key = key
-            return self.autotuned, {}
-        return self.kernel, {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+class Launch:
+    """One launch of a TunedKernel: a fixed config (``options``), or autotuning when ``options`` is None."""
+
+    def __init__(self, tuned: TunedKernel, key: str, device: torch.device, options: dict | None):
+        self.tuned = tuned
+        self.key = key
+        self.device = device
+        self.options = options
+
+    def least(self, name: str) -> int:
+        """The least value of meta-parameter ``name`` this launch may run with."""
+        if self.options is not None:
+            return self.options[name]
+        return min(config.kwargs[name] for config in self.tuned.configs)
+
+    def most(self, name: str) -> int:
+        """The greatest value of meta-parameter ``name`` this launch may run with."""
+        if self.options is not None:
+            return self.options[name]
+        return max(config.kwargs[name] for config in self.tuned.configs)
+
+    def __call__(self, grid, **arguments) -> None:
+        """Launch on the tensors' device (not merely the current one), kernel arguments by name."""
+        kernel = self.tuned.kernel if self.options is not None else self.tuned.autotuned
+        options = self.options or {}
+        if self.device.type == "cuda" and self.device.index not in (None, torch.cuda.current_device()):
+            with torch.cuda.device(self.device):
+                wrap_triton(kernel)[grid](**arguments, **options)
+        else:
+            wrap_triton(kernel)[grid](**arguments, **options)
+        if self.options is None:
+            self._keep(self.tuned.autotuned.best_config)
+
+    def _keep(self, best: triton.Config) -> None:
+        """Keep an autotuned winner: for stn_triton.tune's table, else in the user's table for later processes."""
+        entry = {self.tuned.name: {self.key: config_to_json(best)}}
+        if _recording is not None:
+            _recording.setdefault(self.tuned.name, {}).update(entry[self.tuned.name])
+        else:
+            gpu = gpu_name(self.device)
+            merge_into_table(user_table_dir() / f"{gpu}.json", gpu, entry)

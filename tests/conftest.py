@@ -43,6 +43,10 @@ def sizes(cpu, gpu):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+    config.addinivalue_line(
+        "markers",
+        "slow: left out of the fast GPU tier (`-m 'not slow'`): large memory, many kernel variants, or training",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,68 +15,80 @@ import torch
 
 ON_GPU = torch.cuda.is_available()
 
-# (kernel, pointer dtypes, constexprs): one variant per mode, padding, dimension, dtype and path.
-SAMPLE = dict(TRANSFORM=0, PADDING=0, FILL=False, ALIGN_CORNERS=False, F64=False, INDEX_64=False, BLOCK_P=64, BLOCK_C=16)
-FWD = "_sample_fwd_kernel"
-BWD = "_sample_bwd_kernel"
-FWD_POINTERS = dict(inp_ptr="fp32", coords_ptr="fp32", ctrl_ptr="fp32", fill_ptr="fp32", out_ptr="fp32")
-BWD_POINTERS = dict(gout_ptr="fp32", inp_ptr="fp32", coords_ptr="fp32", ctrl_ptr="fp32", fill_ptr="fp32",
-                    ginp_ptr="fp32", gcoords_ptr="fp32")
+# (kernel, pointer dtypes, constexprs): one variant per pass, mode, padding, dimension, dtype and path.
+# Pointers not named are float32. The sampling kernel's ints compile unspecialized here, so every
+# access is a gather; perf/resources.py compiles the layouts' specializations.
+SAMPLE = dict(PASS=0, TRANSFORM=0, PADDING=0, FILL=False, ALIGN_CORNERS=False, F64=False, INDEX_64=False,
+              INPUT_GRAD=False, COORD_GRAD=False, EVEN_C=False, BLOCK_P=64, BLOCK_C=4)
+BWD = dict(SAMPLE, PASS=1, INPUT_GRAD=True, COORD_GRAD=True)
+KERNEL = "_sample_kernel"
+POINTERS = ("inp_ptr", "coords_ptr", "ctrl_ptr", "fill_ptr", "out_ptr", "gout_ptr", "ginp_ptr", "gcoords_ptr",
+            "key_ptr", "weight_ptr")
 
 
-def _typed(pointers: dict, dtype: str, **overrides) -> dict:
-    return {**{name: dtype for name in pointers}, **overrides}
+def _typed(dtype: str, **overrides) -> dict:
+    return {**dict.fromkeys(POINTERS, dtype), "key_ptr": "i64", **overrides}
 
 
 VARIANTS = [
-    ("grid_sample", FWD, FWD_POINTERS, dict(SAMPLE, MODE=0, NDIM=2, TAPS=4)),
-    ("grid_sample", FWD, _typed(FWD_POINTERS, "bf16", ctrl_ptr="fp32"),
-     dict(SAMPLE, TRANSFORM=3, MODE=2, NDIM=2, TAPS=16, PADDING=2, ALIGN_CORNERS=True)),
-    ("grid_sample", FWD, _typed(FWD_POINTERS, "fp16"), dict(SAMPLE, MODE=1, NDIM=3, TAPS=1, PADDING=1, INDEX_64=True)),
-    ("grid_sample", FWD, _typed(FWD_POINTERS, "fp16", coords_ptr="fp32"),
+    ("grid_sample", KERNEL, _typed("fp32"), dict(SAMPLE, MODE=0, NDIM=2, TAPS=4)),
+    ("grid_sample", KERNEL, _typed("bf16", ctrl_ptr="fp32"),
+     dict(SAMPLE, TRANSFORM=3, MODE=2, NDIM=2, TAPS=16, PADDING=2, ALIGN_CORNERS=True, EVEN_C=True)),
+    ("grid_sample", KERNEL, _typed("fp16"), dict(SAMPLE, MODE=1, NDIM=3, TAPS=1, PADDING=1, INDEX_64=True)),
+    ("grid_sample", KERNEL, _typed("fp16", coords_ptr="fp32", out_ptr="fp32"),
      dict(SAMPLE, TRANSFORM=2, MODE=0, NDIM=2, TAPS=4, FILL=True)),
-    ("grid_sample", BWD, BWD_POINTERS, dict(SAMPLE, MODE=0, NDIM=3, TAPS=8, PADDING=2, INPUT_GRAD=True, COORD_GRAD=True)),
-    ("grid_sample", BWD, _typed(BWD_POINTERS, "fp64"),
-     dict(SAMPLE, MODE=2, NDIM=2, TAPS=16, PADDING=1, F64=True, INPUT_GRAD=True, COORD_GRAD=True)),
-    ("grid_sample", BWD, _typed(BWD_POINTERS, "bf16", ginp_ptr="fp32", coords_ptr="fp32", gcoords_ptr="fp32"),
-     dict(SAMPLE, TRANSFORM=1, MODE=0, NDIM=3, TAPS=8, INPUT_GRAD=True, COORD_GRAD=True)),
-    ("grid_sample", BWD, _typed(BWD_POINTERS, "fp32"),
-     dict(SAMPLE, TRANSFORM=2, MODE=0, NDIM=2, TAPS=4, FILL=True, INPUT_GRAD=False, COORD_GRAD=True)),
-    ("grid_sample", BWD, _typed(BWD_POINTERS, "fp32"),
-     dict(SAMPLE, TRANSFORM=3, MODE=0, NDIM=2, TAPS=4, INPUT_GRAD=True, COORD_GRAD=True)),
-    ("grid_sample", "_sample_taps_kernel", dict(coords_ptr="fp16", ctrl_ptr="fp16", key_ptr="i64", weight_ptr="fp32"),
-     dict(TRANSFORM=0, MODE=0, PADDING=0, ALIGN_CORNERS=False, NDIM=2, TAPS=4, F64=False, BLOCK_P=128)),
+    ("grid_sample", KERNEL, _typed("fp32"), dict(BWD, MODE=0, NDIM=3, TAPS=8, PADDING=2)),
+    ("grid_sample", KERNEL, _typed("fp64"), dict(BWD, MODE=2, NDIM=2, TAPS=16, PADDING=1, F64=True)),
+    ("grid_sample", KERNEL, _typed("bf16", ginp_ptr="fp32", coords_ptr="fp32", gcoords_ptr="fp32"),
+     dict(BWD, TRANSFORM=1, MODE=0, NDIM=3, TAPS=8, EVEN_C=True)),
+    ("grid_sample", KERNEL, _typed("fp32"), dict(BWD, TRANSFORM=2, MODE=0, NDIM=2, TAPS=4, FILL=True, INPUT_GRAD=False)),
+    ("grid_sample", KERNEL, _typed("fp32"), dict(BWD, TRANSFORM=3, MODE=0, NDIM=2, TAPS=4, INDEX_64=True)),
+    ("grid_sample", KERNEL, _typed("fp16", weight_ptr="fp32"),
+     dict(SAMPLE, PASS=2, TRANSFORM=1, MODE=2, NDIM=2, TAPS=16, BLOCK_P=128, BLOCK_C=1)),
     ("grid_sample", "_sample_bwd_sorted_kernel",
      dict(gout_ptr="fp16", ginp_ptr="fp16", sorted_key_ptr="i64", order_ptr="i64", run_end_ptr="i64", weight_ptr="fp32"),
-     dict(TAPS=4, F64=False, BLOCK_E=64, BLOCK_C=16)),
-    ("warp", "_affine_grid_kernel", dict(theta_ptr="bf16", grid_ptr="bf16"),
+     dict(TAPS=4, F64=False, EVEN_C=False, BLOCK_E=64, BLOCK_C=16)),
+    ("affine_grid", "_affine_grid_kernel", dict(theta_ptr="bf16", grid_ptr="bf16"),
      dict(ALIGN_CORNERS=True, NDIM=3, F64=False, BLOCK_P=128)),
-    ("warp", "_affine_grid_bwd_kernel", dict(ggrid_ptr="fp32", partial_ptr="fp32"),
+    ("affine_grid", "_affine_grid_bwd_kernel", dict(ggrid_ptr="fp32", partial_ptr="fp32"),
      dict(ALIGN_CORNERS=False, NDIM=2, F64=False, BLOCK_P=128)),
 ]
 
-DCN = dict(HAS_MASK=True, F64=False, LOW_PRECISION=False, INPUT_PRECISION="ieee", INDEX_64=False,
-           BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
+DCN = dict(HAS_MASK=True, F64=False, LOW_PRECISION=False, INPUT_PRECISION="tf32x3", INDEX_64=False,
+           CHANNELS_FASTEST=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
 DCN_POINTERS = ("x_ptr", "off_ptr", "mask_ptr", "w_ptr", "b_ptr", "out_ptr", "gy_ptr", "gx_ptr", "col_ptr",
                 "goff_ptr", "gmask_ptr", "gw_ptr")
+DCN_DATA = dict(INPUT_GRAD=True, COLUMNS=False, OFFSET_GRAD=True, MASK_GRAD=True)
 
 
 def _dcn_pointers(dtype: str, **overrides) -> dict:
     return {**{name: dtype for name in DCN_POINTERS}, **overrides}
 
 
+# float32 at each tl.dot precision the host picks (tf32x3, tf32, ieee), both gather orientations, half
+# precision on tensor cores, float64 on FMA units, 64-bit indices.
 VARIANTS += [
+    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp32"), dict(DCN, HAS_BIAS=True, INDEX_64=True)),
     ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp32"),
-     dict(DCN, HAS_BIAS=True, INDEX_64=True, ROW_GROUP=False)),
-    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp16"),
-     dict(DCN, HAS_BIAS=False, LOW_PRECISION=True, ROW_GROUP=True)),
-    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp64"), dict(DCN, HAS_BIAS=True, F64=True, ROW_GROUP=True)),
+     dict(DCN, HAS_BIAS=False, INPUT_PRECISION="tf32", CHANNELS_FASTEST=False)),
+    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp32"), dict(DCN, HAS_BIAS=True, INPUT_PRECISION="ieee")),
+    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp16"), dict(DCN, HAS_BIAS=False, LOW_PRECISION=True)),
+    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp64"),
+     dict(DCN, HAS_BIAS=True, F64=True, INPUT_PRECISION="ieee", CHANNELS_FASTEST=False, BLOCK_K=16)),
     ("deform_conv", "_deform_conv_bwd_data_kernel", _dcn_pointers("bf16", gx_ptr="fp32", col_ptr="fp32"),
-     dict(DCN, LOW_PRECISION=True, INPUT_GRAD=True, COLUMNS=False, OFFSET_GRAD=True, MASK_GRAD=True, INDEX_64=True)),
+     dict(DCN, LOW_PRECISION=True, INDEX_64=True, **DCN_DATA)),
     ("deform_conv", "_deform_conv_bwd_data_kernel", _dcn_pointers("fp32"),
-     dict(DCN, INPUT_GRAD=False, COLUMNS=True, OFFSET_GRAD=True, MASK_GRAD=False)),
+     dict(DCN, CHANNELS_FASTEST=False, INPUT_GRAD=False, COLUMNS=True, OFFSET_GRAD=True, MASK_GRAD=False)),
+    ("deform_conv", "_deform_conv_bwd_data_kernel", _dcn_pointers("fp64"),
+     dict(DCN, F64=True, INPUT_PRECISION="ieee", BLOCK_K=16, **DCN_DATA)),
     ("deform_conv", "_deform_conv_bwd_weight_kernel", _dcn_pointers("fp16", gw_ptr="fp32"),
-     dict(DCN, LOW_PRECISION=True, INDEX_64=True, ROW_GROUP=False)),
+     dict(DCN, LOW_PRECISION=True, INDEX_64=True, CHANNELS_FASTEST=False)),
+    ("deform_conv", "_deform_conv_bwd_weight_kernel", _dcn_pointers("fp32"), dict(DCN, BLOCK_N=64, BLOCK_K=64)),
+    # Sizes Triton specializes (P, CG, COG, CPG) arriving as the constant 1: a depthwise layer, one output pixel.
+    ("deform_conv", "_deform_conv_fwd_kernel", _dcn_pointers("fp32"), dict(DCN, HAS_BIAS=False, P=1, CG=1, COG=1, CPG=1)),
+    ("deform_conv", "_deform_conv_bwd_data_kernel", _dcn_pointers("bf16", gx_ptr="fp32", col_ptr="fp32"),
+     dict(DCN, LOW_PRECISION=True, P=1, CG=1, COG=1, CPG=1, **DCN_DATA)),
+    ("deform_conv", "_deform_conv_bwd_weight_kernel", _dcn_pointers("fp32"), dict(DCN, P=1, CG=1, COG=1, CPG=1)),
     ("deform_conv", "_deform_conv_taps_kernel", dict(off_ptr="fp16", key_ptr="i64", weight_ptr="fp32"),
      dict(F64=False, BLOCK_M=128)),
     ("deform_conv", "_deform_conv_bwd_sorted_kernel",

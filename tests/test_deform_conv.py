@@ -13,7 +13,12 @@ bfloat16, so the rounded reference stands in for "PyTorch's own error". On a GPU
 results are also held to 2x torchvision's own float16 error.
 """
 
+import json
 import math
+import os
+import re
+import subprocess
+import sys
 import zlib
 from typing import NamedTuple
 
@@ -22,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import stn_triton
+from stn_triton import tuning
+from stn_triton.ops import deform_conv as dcn_ops
 from conftest import (
     DEVICE,
     INTERPRETING,
@@ -349,15 +356,18 @@ def test_weight_grad_splits_cover_the_rows_in_whole_blocks(rows, tiles, sms):
     assert splits == 1 or (splits - 1) * tiles < PROGRAMS_PER_SM * sms, "no more splits than the GPU needs"
 
 
-# Rows 3 * 15 * 15 = 675: two splits of grad_weight's pixel sum (384 rows and an uneven 291).
+# 3 images of 15 x 15 pixels, each padded to 256 rows of grad_weight's row space: three splits of
+# its pixel sum, each with 31 padding rows that must add nothing.
 SPLIT_CASE = Case(3, 2, 15, 15, 3, (3, 3), padding=1)
 
 
 def test_weight_gradient_split_over_pixels_matches_reference():
-    from stn_triton.ops.deform_conv import _multiprocessors, weight_grad_splits
+    from stn_triton.ops._launch import multiprocessors
+    from stn_triton.ops.deform_conv import padded_pixels, weight_grad_splits
 
     ho, wo = SPLIT_CASE.out_size()
-    splits, _ = weight_grad_splits(SPLIT_CASE.n * ho * wo, SPLIT_CASE.taps, _multiprocessors(torch.device(DEVICE)))
+    rows = SPLIT_CASE.n * padded_pixels(ho * wo)
+    splits, _ = weight_grad_splits(rows, SPLIT_CASE.taps, multiprocessors(torch.device(DEVICE)))
     assert splits >= 2, "the case must exercise the split reduction"
     assert_matches_reference_float64(SPLIT_CASE, seed_of("split", SPLIT_CASE.id))
 
@@ -431,6 +441,137 @@ def test_non_contiguous_arguments_and_expanded_grad_output():
 def test_batch_sizes(n):
     case = Case(n, 2, 5, 4, 3, (3, 3), padding=1, offset_groups=2).on_device()._replace(n=n)
     assert_matches_reference_float64(case, seed_of("batch", case.id))
+
+
+# --- host decisions: shape arithmetic, GEMM precision, gather layout ----------------------------
+
+
+def call_shape(case: Case) -> "dcn_ops.DeformConvShape":
+    ho, wo = case.out_size()
+    return dcn_ops.DeformConvShape.of(
+        (case.n, case.cin, case.h, case.w), (case.n, 2 * case.offset_groups * case.taps, ho, wo),
+        (case.cout, case.cin // case.groups, *case.kernel), _pair(case.stride), _pair(case.padding), _pair(case.dilation),
+    )
+
+
+@pytest.mark.parametrize("case", GRID_PARAMS)
+def test_shape_arithmetic_of_every_case(case):
+    shape = call_shape(case)
+    ho, wo = case.out_size()
+    assert (shape.out_h, shape.out_w, shape.pixels, shape.rows) == (ho, wo, ho * wo, case.n * ho * wo)
+    assert (shape.groups, shape.offset_groups, shape.taps) == (case.groups, case.offset_groups, case.taps)
+    assert shape.group_channels == case.cin // case.groups
+    assert shape.group_out_channels == case.cout // case.groups
+    assert shape.offset_group_channels == case.cin // case.offset_groups
+    assert shape.mask_shape() == (case.n, case.offset_groups * case.taps, ho, wo)
+
+
+@pytest.mark.parametrize("offset_channels, argument", [(16, "offset"), (54, "offset groups"), (36, None)])
+def test_shape_arithmetic_rejects_sizes_that_do_not_fit(offset_channels, argument):
+    """input [2, 4, 5, 6], weight [6, 4, 3, 3]: 18 offset channels fit (one group), 36 (two) too,
+    16 is no multiple of 2 x 9, 54 would be three offset groups of 4 / 3 channels."""
+    of = dcn_ops.DeformConvShape.of
+    if argument is None:
+        assert of((2, 4, 5, 6), (2, offset_channels, 3, 4), (6, 4, 3, 3), (1, 1), (0, 0), (1, 1)).offset_groups == 2
+        return
+    with pytest.raises(ValueError, match=argument):
+        of((2, 4, 5, 6), (2, offset_channels, 3, 4), (6, 4, 3, 3), (1, 1), (0, 0), (1, 1))
+
+
+@pytest.fixture
+def launches(monkeypatch) -> list[tuple[str, dict]]:
+    """(kernel name, arguments) of every deform_conv kernel launch in the test, the launches still run."""
+    seen = []
+    launch = tuning.Launch.__call__
+
+    def recorded(self, grid, **arguments):
+        seen.append((self.tuned.name, arguments))
+        return launch(self, grid, **arguments)
+
+    monkeypatch.setattr(tuning.Launch, "__call__", recorded)
+    return seen
+
+
+@pytest.fixture
+def float32_matmul_precision():
+    """Restores PyTorch's float32 matmul precision after the test (which sets it with set_float32_matmul_precision
+    or the legacy allow_tf32, the two ways torchvision users set it)."""
+    previous = torch.get_float32_matmul_precision()
+    legacy = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = legacy
+    torch.set_float32_matmul_precision(previous)
+
+
+def _set_tf32(setting: str) -> None:
+    if setting == "allow_tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    elif setting != "default":
+        torch.set_float32_matmul_precision(setting)
+
+
+GEMM_KERNELS = {"deform_conv_fwd", "deform_conv_bwd_data", "deform_conv_bwd_weight"}
+
+
+@pytest.mark.parametrize("setting, dtype, expected", [
+    ("default", torch.float32, dcn_ops.FLOAT32_PRECISION),
+    ("highest", torch.float32, dcn_ops.FLOAT32_PRECISION),
+    ("high", torch.float32, "tf32"),
+    ("medium", torch.float32, "tf32"),
+    ("allow_tf32", torch.float32, "tf32"),
+    ("high", torch.float64, "ieee"),
+])
+def test_float32_gemms_follow_pytorchs_tf32_switch(setting, dtype, expected, launches, float32_matmul_precision):
+    """Every GEMM kernel (forward, data and weight gradients) gets the tl.dot precision that PyTorch's
+    switches ask for, as torchvision's float32 matmuls follow them (the interpreter ignores the precision,
+    so this checks the host's decision)."""
+    _set_tf32(setting)
+    assert dcn_ops.dot_precision(dtype) == expected
+    case = Case(1, 2, 4, 4, 2, (3, 3), padding=1)
+    run_deform_conv(stn_triton.deform_conv2d, make_inputs(case, seed_of("precision"), dtype), case.conv)
+    precisions = {name: arguments["INPUT_PRECISION"] for name, arguments in launches if name in GEMM_KERNELS}
+    assert precisions == dict.fromkeys(GEMM_KERNELS, expected)
+
+
+@pytest.mark.parametrize("channels, groups, offset_groups, dtype, expected", [
+    (256, 1, 1, torch.float32, True),  # dcn_r50
+    (3, 1, 1, torch.float32, False),  # an RGB first layer: 12-byte runs
+    (8, 1, 1, torch.float32, True),  # 32 bytes: one full sector
+    (8, 1, 1, torch.float16, False),
+    (16, 1, 1, torch.bfloat16, True),
+    (64, 1, 16, torch.float32, False),  # 4 channels per offset group
+    (64, 8, 1, torch.float16, False),  # 8 channels per conv group
+    (4, 1, 1, torch.float64, True),
+])
+def test_channels_last_gather_when_a_sample_points_channels_fill_a_sector(channels, groups, offset_groups, dtype, expected):
+    shape = dcn_ops.DeformConvShape(2, channels, 9, 9, 8 * groups, 3, 3, groups, offset_groups, 9, 9)
+    input = torch.empty((2, channels, 9, 9), dtype=dtype, device="meta")
+    assert dcn_ops.gather_channels_last(input, shape) == expected
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_channels_last_gather_equals_nchw_gather(deterministic, launches, monkeypatch):
+    """An NCHW input gathered from a channels-last copy (channels fastest) and as it is (pixels fastest):
+    the same output and gradients, both the reference's, every gradient in the input's layout."""
+    case = Case(2, 8, 5, 6, 4, (3, 3), padding=1, groups=2, offset_groups=2).on_device()
+    seed = seed_of("gather-layout", case.id, deterministic)
+    tensors = make_inputs(case, seed)
+    grad_output = grad_output_for(case, seed)
+    expected = run_deform_conv(reference_deform_conv2d, tensors, case.conv, grad_output)
+    results = {}
+    for layout in ("channels_last", "input"):
+        monkeypatch.setattr(dcn_ops, "GATHER_LAYOUT", layout)
+        launches.clear()
+        if deterministic:
+            with deterministic_algorithms():
+                results[layout] = run_deform_conv(stn_triton.deform_conv2d, tensors, case.conv, grad_output)
+        else:
+            results[layout] = run_deform_conv(stn_triton.deform_conv2d, tensors, case.conv, grad_output)
+        fastest = {arguments["CHANNELS_FASTEST"] for name, arguments in launches if name in GEMM_KERNELS}
+        assert fastest == {layout == "channels_last"}
+        assert results[layout][1]["input"].is_contiguous(), "grad_input in the input's (NCHW) layout"
+        assert_matches(results[layout], expected, 1e-9, f"{layout}: ")
+    assert_matches(results["channels_last"], results["input"], 1e-12, "channels_last vs input: ")
 
 
 # --- gradcheck ----------------------------------------------------------------------------------
@@ -660,6 +801,83 @@ def test_non_finite_and_huge_offsets_read_nothing(dtype):
     assert_matches(ours, expected, 1e-9 if dtype == torch.float64 else FLOAT32_TOL)
 
 
+# --- the compiled gather, on a CPU: layouts for sm_90 --------------------------------------------
+
+
+def compiled_gather(channels_fastest: bool) -> dict:
+    """The forward compiled for sm_90 at dcn_r50's shape (float32, tf32x3, 128 x 64 x 32 blocks, 8 warps)
+    from an input that is channels-last (``channels_fastest``) or NCHW, its integer arguments specialised as a
+    launch specialises them (1 as a constant, multiples of 16 as such): the layout of the A tile's load and
+    the widths of the PTX's global loads. Needs the interpreter off (a subprocess: see ``__main__``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from stn_triton.kernels.deform_conv import _deform_conv_fwd_kernel as kernel
+
+    c, h, w, k = 256, 56, 56, 9
+    p = h * w
+    x = dict(sx_n=c * p, sx_c=1, sx_h=w * c, sx_w=c) if channels_fastest else dict(sx_n=c * p, sx_c=p, sx_h=w, sx_w=1)
+    ints = dict(P=p, H=h, W=w, WO=w, KW=3, K=k, CG=c, COG=c, CPG=c, stride_h=1, stride_w=1, pad_h=1, pad_w=1,
+                dil_h=1, dil_w=1, so_n=2 * k * p, so_c=p, so_p=1, sm_n=k * p, sm_c=p, sm_p=1, sw_o=c * k, sw_i=1,
+                sw_h=3 * c, sw_w=c, sy_n=c * p, sy_c=p, sy_p=1, **x)
+    constexprs = dict(HAS_MASK=True, HAS_BIAS=True, F64=False, LOW_PRECISION=False, INPUT_PRECISION="tf32x3",
+                      INDEX_64=False, CHANNELS_FASTEST=channels_fastest, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)
+    signature, attrs = {}, {}
+    for index, param in enumerate(kernel.params):
+        name = param.name
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32"
+            attrs[(index,)] = [["tt.divisibility", 16]]  # torch's allocations are 16-byte aligned
+        elif ints[name] == 1 and not param.do_not_specialize:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32"
+            if ints[name] % 16 == 0 and not param.do_not_specialize:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))
+    ttgir = compiled.asm["ttgir"]
+    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<.*>)$", ttgir, re.M))
+    tile = "128x32" if channels_fastest else "32x128"  # the A tile as loaded: [pixels, channels] or its transpose
+    loads = re.findall(rf"(?:tt\.load|ttg\.async_copy_global_to_local) .* : tensor<{tile}x!tt\.ptr<f32>, (#\w+)>", ttgir)
+    # 16-byte global loads: ld.global.v4 into registers, or cp.async of 16 bytes into shared memory.
+    sixteen_bytes = r"ld\.global(?:\.\w+)*\.v4\.|cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], 0x10"
+    return dict(layouts=sorted({layouts[name] for name in loads}),
+                vector_loads=len(re.findall(sixteen_bytes, compiled.asm["ptx"])))
+
+
+def _can_compile_for_cuda() -> bool:
+    try:
+        import triton.backends.nvidia.compiler  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the compiled kernels run in the other tests")
+@pytest.mark.skipif(not _can_compile_for_cuda(), reason="this triton has no CUDA backend to compile with")
+@pytest.mark.parametrize("channels_fastest", [True, False], ids=["channels_last", "nchw"])
+def test_gather_runs_a_warp_along_the_contiguous_dimension(channels_fastest):
+    """Channels-last: a warp's threads along channels, 4 per thread, loaded 16 bytes at a time. NCHW: all 32
+    along pixels (neighbouring output pixels read neighbouring input pixels), one channel at a time."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run([sys.executable, __file__, "compiled_gather", str(channels_fastest)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(found["layouts"]) == 1, found
+    layout = found["layouts"][0]
+    if channels_fastest:
+        assert "sizePerThread = [1, 4]" in layout and "order = [1, 0]" in layout, layout
+        assert found["vector_loads"] > 0, "no 16-byte global load"
+    else:
+        assert "threadsPerWarp = [1, 32]" in layout and "order = [1, 0]" in layout, layout
+
+
 # --- on a GPU: torchvision and torch.compile ----------------------------------------------------
 
 # Realistic layers: a DCNv2 block of a small backbone, the same past torchvision's 32-image
@@ -722,3 +940,8 @@ def test_torch_compile_fullgraph_matches_eager():
     eager = run_deform_conv(stn_triton.deform_conv2d, tensors, case.conv, grad_output)
     ours = run_deform_conv(compiled, tensors, case.conv, grad_output)
     assert_matches(ours, eager, 1e-6, "compiled vs eager: ")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "compiled_gather":
+        print(json.dumps(compiled_gather(sys.argv[2] == "True")))

@@ -63,6 +63,7 @@ REALISTIC_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nd, mode, padding_mode, align_corners", REALISTIC_CASES)
 def test_realistic_float32_matches_torch(nd, mode, padding_mode, align_corners):
     x, grid, grad_output = realistic_inputs(nd, 1, torch.float32)
@@ -73,6 +74,7 @@ def test_realistic_float32_matches_torch(nd, mode, padding_mode, align_corners):
     assert_close_scaled(ours[2], expected[2], 1e-4, "grad grid")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize(
     "nd, mode", [pytest.param(nd, mode, id=f"{nd}d-{mode}") for nd in (2, 3) for mode in MODES[nd]]
@@ -164,6 +166,7 @@ def _bilinear_reference(x, py, px):
     return values, taps
 
 
+@pytest.mark.slow
 def test_more_than_2_pow_31_elements_index_in_64_bits():
     """A [1, 3, 32769, 32769] float16 input: channel 2 starts past element 2^31.
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import DEVICE, generator, rand, randn
-from stn_triton import reference
+from stn_triton import geometry, reference
 from stn_triton.nn import SpatialTransformer
 
 TRANSFORMS = ("affine", "projective", "tps")
@@ -23,7 +23,7 @@ def identity_params(module: SpatialTransformer, batch: int) -> torch.Tensor:
     """
     if module.transform == "tps":
         k = module.control_points.shape[0]
-        grid = reference.regular_control_points(k, torch.float64, module.control_points.device)
+        grid = geometry.regular_control_points(k, torch.float64, module.control_points.device)
         torch.testing.assert_close(module.control_points, grid, atol=1e-7, rtol=0)
         identity = module.control_points
     else:

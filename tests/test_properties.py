@@ -7,6 +7,7 @@ float64, forward and backward. Example counts stay small under the interpreter.
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -20,6 +21,8 @@ EXAMPLES = 60 if ON_GPU else 15
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
 DEVICE = "cuda" if ON_GPU else "cpu"
 TOL = 1e-9
+# Many random shapes and options: many kernel variants to compile on a GPU, outside the fast tier.
+pytestmark = pytest.mark.slow
 
 
 def _grads(fn, tensors, grad_output_seed: int):

@@ -1,22 +1,25 @@
-"""Tuned tables: bucketing, loading and merging, lookup, and the kernel choice they drive."""
+"""Tuned tables and the launch choice: bucketing, table lookup, the heuristic, opt-in autotuning
+and its persistence, deterministic mode, and the launch itself."""
 
 import json
 
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from stn_triton import tuning
 
 
 @pytest.fixture
 def tables(tmp_path, monkeypatch):
-    """A shipped and a user table folder, both empty, in place of the real ones."""
+    """A shipped and a user table folder, both empty, in place of the real ones; autotuning off."""
     shipped, user = tmp_path / "shipped", tmp_path / "user"
     shipped.mkdir()
     user.mkdir()
     monkeypatch.setattr(tuning, "SHIPPED_TABLES", shipped)
     monkeypatch.setenv("STN_TRITON_CONFIG_DIR", str(user))
+    monkeypatch.setattr(tuning, "_autotune", False)
     tuning.load_table.cache_clear()
     yield shipped, user
     tuning.load_table.cache_clear()
@@ -39,12 +42,9 @@ def test_user_table_overrides_the_shipped_one_entry_by_entry(tables):
     shipped, user = tables
     _write(shipped, "gpu-x", {"sample_fwd": {"a": _entry(64, 2), "b": _entry(128, 4)}})
     _write(user, "gpu-x", {"sample_fwd": {"b": _entry(256, 8)}, "affine_grid": {"c": _entry(64, 4)}})
-    a = tuning.lookup("sample_fwd", "a", "gpu-x")
-    b = tuning.lookup("sample_fwd", "b", "gpu-x")
-    c = tuning.lookup("affine_grid", "c", "gpu-x")
-    assert (a.kwargs, a.num_warps, a.num_stages) == ({"BLOCK_P": 64}, 2, 3)
-    assert (b.kwargs, b.num_warps) == ({"BLOCK_P": 256}, 8)
-    assert c.kwargs == {"BLOCK_P": 64}
+    assert tuning.lookup("sample_fwd", "a", "gpu-x") == {"BLOCK_P": 64, "num_warps": 2, "num_stages": 3}
+    assert tuning.lookup("sample_fwd", "b", "gpu-x") == {"BLOCK_P": 256, "num_warps": 8, "num_stages": 3}
+    assert tuning.lookup("affine_grid", "c", "gpu-x") == {"BLOCK_P": 64, "num_warps": 4, "num_stages": 3}
     assert tuning.lookup("sample_fwd", "missing", "gpu-x") is None
     assert tuning.lookup("sample_fwd", "a", "other-gpu") is None
 
@@ -56,75 +56,140 @@ def test_config_round_trips_through_json():
     }
 
 
-def test_tuned_kernel_takes_the_table_config_on_its_gpu_and_autotunes_otherwise(tables, monkeypatch):
+def test_merge_into_table_keeps_other_entries_and_refreshes_lookups(tables):
+    _, user = tables
+    path = user / "gpu-x.json"
+    _write(user, "gpu-x", {"toy": {"a": _entry(64, 2)}})
+    assert tuning.lookup("toy", "a", "gpu-x")["BLOCK_P"] == 64
+    size = tuning.merge_into_table(path, "gpu-x", {"toy": {"b": _entry(128, 4)}, "other": {"c": _entry(32, 1)}})
+    assert size == 3
+    written = json.loads(path.read_text())
+    assert written["gpu"] == "gpu-x" and written["torch"] == torch.__version__
+    assert tuning.lookup("toy", "a", "gpu-x")["BLOCK_P"] == 64
+    assert tuning.lookup("toy", "b", "gpu-x")["BLOCK_P"] == 128
+    assert not list(user.glob("*.tmp")), "the atomic write leaves no temporary file"
+
+
+@triton.jit
+def _toy_kernel(out_ptr, BLOCK_P: tl.constexpr):
+    offsets = tl.arange(0, BLOCK_P)
+    tl.store(out_ptr + offsets, offsets.to(tl.float32))
+
+
+def _toy(monkeypatch, configs=None):
+    """A TunedKernel on a GPU named gpu-x (the GPU logic, here on the CPU too), kept out of the registry."""
+    monkeypatch.setattr(tuning, "gpu_name", lambda device=None: "gpu-x")
+    monkeypatch.setattr(tuning, "REGISTRY", [])
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    configs = configs or tuning.pixel_block_configs((256, 64))
+    heuristic = lambda channels: triton.Config({"BLOCK_P": 32 if channels > 8 else 16}, num_warps=1)  # noqa: E731
+    return tuning.TunedKernel("toy", _toy_kernel, configs, heuristic, [], writes=("out_ptr",))
+
+
+CUDA = torch.device("cuda", 0)
+
+
+def test_table_config_then_heuristic_never_autotuning_by_default(tables, monkeypatch):
     shipped, _ = tables
     _write(shipped, "gpu-x", {"toy": {"hit": _entry(128, 4, 2)}})
-    monkeypatch.setattr(tuning, "gpu_name", lambda device=None: "gpu-x")
-    monkeypatch.setattr(tuning, "REGISTRY", [])  # the toy kernel is not one of the library's
+    tuned = _toy(monkeypatch)
+    assert tuned.choose("hit", {"channels": 3}, CUDA).options == {"BLOCK_P": 128, "num_warps": 4, "num_stages": 2}
+    miss = tuned.choose("miss", {"channels": 64}, CUDA)
+    assert miss.options == {"BLOCK_P": 32, "num_warps": 1, "num_stages": 3}
+    assert tuned.choose("miss", {"channels": 3}, CUDA).options["BLOCK_P"] == 16
+    assert miss.least("BLOCK_P") == miss.most("BLOCK_P") == 32
 
-    @triton.jit
-    def toy_kernel(BLOCK_P: triton.language.constexpr):
-        pass
 
-    tuned = tuning.TunedKernel("toy", toy_kernel, tuning.pixel_block_configs(), tuning.INTERPRETER_PIXEL_BLOCK, [])
-    kernel, launch = tuned("hit", torch.device("cuda"))
-    assert kernel is toy_kernel
-    assert launch == {"BLOCK_P": 128, "num_warps": 4, "num_stages": 2}
-    assert tuned.last_autotuned_key is None
-    kernel, launch = tuned("miss", torch.device("cuda"))
-    assert kernel is tuned.autotuned and launch == {} and tuned.last_autotuned_key == "miss"
-    kernel, launch = tuned("hit", torch.device("cpu"))
-    assert kernel is tuned.autotuned and launch == {}
+def test_opt_in_autotuning_covers_misses_only_and_never_deterministic_mode(tables, monkeypatch):
+    shipped, _ = tables
+    _write(shipped, "gpu-x", {"toy": {"hit": _entry(128, 4, 2)}})
+    tuned = _toy(monkeypatch)
+    tuning.set_autotune(True)
+    try:
+        assert tuning.autotune_enabled()
+        assert tuned.choose("hit", {"channels": 3}, CUDA).options["BLOCK_P"] == 128
+        miss = tuned.choose("miss", {"channels": 3}, CUDA)
+        assert miss.options is None, "a miss is timed over the space"
+        assert (miss.least("BLOCK_P"), miss.most("BLOCK_P")) == (64, 256)
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert tuned.choose("miss", {"channels": 3}, CUDA).options["BLOCK_P"] == 16, "no timing-picked order"
+            with tuning.recording():
+                assert tuned.choose("hit", {"channels": 3}, CUDA).options is None, "recording ignores the table"
+        finally:
+            torch.use_deterministic_algorithms(previous)
+    finally:
+        tuning.set_autotune(False)
+
+
+def test_an_autotuned_winner_persists_in_the_user_table(tables, monkeypatch):
+    _, user = tables
+    tuned = _toy(monkeypatch)
+    tuning.set_autotune(True)
+    try:
+        launch = tuned.choose("miss", {"channels": 3}, CUDA)
+        launch._keep(triton.Config({"BLOCK_P": 256}, num_warps=8, num_stages=1))
+    finally:
+        tuning.set_autotune(False)
+    table = json.loads((user / "gpu-x.json").read_text())["kernels"]
+    assert table == {"toy": {"miss": {"kwargs": {"BLOCK_P": 256}, "num_warps": 8, "num_stages": 1}}}
+    assert tuned.choose("miss", {"channels": 3}, CUDA).options == {"BLOCK_P": 256, "num_warps": 8, "num_stages": 1}
+
+
+def test_recording_collects_winners_instead_of_writing(tables, monkeypatch):
+    _, user = tables
+    tuned = _toy(monkeypatch)
+    with tuning.recording() as winners:
+        tuned.choose("key", {"channels": 3}, CUDA)._keep(triton.Config({"BLOCK_P": 64}, num_warps=2))
+    assert winners == {"toy": {"key": {"kwargs": {"BLOCK_P": 64}, "num_warps": 2, "num_stages": 3}}}
+    assert not (user / "gpu-x.json").exists()
+
+
+def test_the_interpreter_runs_one_fixed_config(monkeypatch):
+    monkeypatch.setattr(tuning, "REGISTRY", [])
+    monkeypatch.setattr(tuning, "interpreting", lambda: True)
+    tuned = tuning.TunedKernel("toy", _toy_kernel, tuning.pixel_block_configs(), lambda **_: None, [],
+                               writes=("out_ptr",))
+    assert tuned.choose("any", {}, torch.device("cpu")).options == tuning.launch_options(tuning.INTERPRETER_PIXEL_BLOCK)
+
+
+@pytest.mark.skipif(not tuning.interpreting(), reason="launches the toy kernel through the interpreter")
+def test_a_launch_binds_arguments_by_name_with_its_config(monkeypatch):
+    monkeypatch.setattr(tuning, "REGISTRY", [])
+    tuned = tuning.TunedKernel("toy", _toy_kernel, tuning.pixel_block_configs(), lambda **_: None, [],
+                               writes=("out_ptr",), interpreter_config=triton.Config({"BLOCK_P": 8}, num_warps=1))
+    out = torch.full((16,), -1.0)
+    tuned.choose("any", {}, out.device)((1,), out_ptr=out)
+    assert out.tolist() == [float(i) for i in range(8)] + [-1.0] * 8
 
 
 def test_every_kernel_launch_goes_through_a_tuned_kernel():
-    """Each Triton kernel the ops launch has a config space (and so a table entry after tuning)."""
+    """Each Triton kernel the ops launch has a config space, a heuristic and declared writes."""
+    import stn_triton.kernels.affine_grid as affine_grid_kernels
     import stn_triton.kernels.deform_conv as dcn_kernels
     import stn_triton.kernels.grid_sample as sample_kernels
-    import stn_triton.kernels.warp as warp_kernels
 
     launched = {
         getattr(module, name)
-        for module in (dcn_kernels, sample_kernels, warp_kernels)
+        for module in (dcn_kernels, sample_kernels, affine_grid_kernels)
         for name in dir(module)
         if name.startswith("_") and name.endswith("_kernel")
     }
-    tuned = [kernel.kernel for kernel in tuning.REGISTRY]
-    assert set(tuned) == launched
+    assert {kernel.kernel for kernel in tuning.REGISTRY} == launched
     assert len({kernel.name for kernel in tuning.REGISTRY}) == len(tuning.REGISTRY), "table names are unique"
     for kernel in tuning.REGISTRY:
-        assert kernel.autotuned.configs, kernel.name
-
-
-def test_deterministic_algorithms_take_a_fixed_config_instead_of_autotuning(tables, monkeypatch):
-    shipped, _ = tables
-    _write(shipped, "gpu-x", {"toy": {"hit": _entry(128, 4, 2)}})
-    monkeypatch.setattr(tuning, "gpu_name", lambda device=None: "gpu-x")
-    monkeypatch.setattr(tuning, "REGISTRY", [])
-    monkeypatch.setattr(tuning, "interpreting", lambda: False)  # the GPU's config space, here too
-
-    @triton.jit
-    def toy_kernel(BLOCK_P: triton.language.constexpr):
-        pass
-
-    configs = tuning.pixel_block_configs((256, 64))
-    tuned = tuning.TunedKernel("toy", toy_kernel, configs, tuning.INTERPRETER_PIXEL_BLOCK, [])
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        expected = {"BLOCK_P": 256, "num_warps": 2, "num_stages": configs[0].num_stages}
-        assert tuned("miss", torch.device("cuda")) == (toy_kernel, expected)
-        assert tuned.last_autotuned_key is None
-        assert tuned("hit", torch.device("cuda"))[1] == {"BLOCK_P": 128, "num_warps": 4, "num_stages": 2}
-        monkeypatch.setattr(tuning, "TUNING", True)
-        assert tuned("miss", torch.device("cuda")) == (tuned.autotuned, {})
-    finally:
-        torch.use_deterministic_algorithms(previous)
+        assert kernel.configs and callable(kernel.heuristic), kernel.name
+        assert kernel.writes and set(kernel.writes) <= set(kernel.kernel.arg_names), kernel.name
 
 
 def test_gpu_name_normalises_like_the_perf_csv(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert tuning.gpu_name() == "nvidia-h100-80gb-hbm3"
+    tuning._device_name.cache_clear()
+    try:
+        assert tuning.gpu_name(0) == "nvidia-h100-80gb-hbm3"
+    finally:
+        tuning._device_name.cache_clear()
 
 
 @pytest.mark.gpu
@@ -137,10 +202,59 @@ def test_tune_writes_a_table_that_the_ops_then_use(tables):
     assert tune.main(["--quick"]) == 0
     table = json.loads((user / f"{tuning.gpu_name()}.json").read_text())["kernels"]
     assert set(table) == {kernel.name for kernel in tuning.REGISTRY}, "every kernel is tuned"
-    assert all(table.values())
     x = torch.randn(32, 64, 128, 128, device="cuda")
     theta = torch.eye(2, 3, device="cuda").expand(32, 2, 3)
-    ops._fwd_kernel.last_autotuned_key = None
-    out = stn_triton.affine_grid_sample(x, theta)
-    assert ops._fwd_kernel.last_autotuned_key is None, "a tuned shape must not autotune again"
-    torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
+    key = ops._shape_key("fwd", x, 1, 0, 128 * 128)
+    assert key in table["sample_fwd"]
+    assert ops._fwd_kernel.choose(key, ops._shape(x, 0, False), x.device).options == tuning.lookup(
+        "sample_fwd", key, tuning.gpu_name())
+    torch.testing.assert_close(stn_triton.affine_grid_sample(x, theta), x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_sampling_heuristics_pick_configs_of_their_spaces(nhwc, backward):
+    """A heuristic's config is one the space times too, so the tuned table can only improve on it."""
+    from stn_triton.ops import grid_sample as ops
+
+    def in_space(config, tuned):
+        return any(config.kwargs == c.kwargs and config.num_warps == c.num_warps for c in tuned.configs)
+
+    for channels in (1, 3, 4, 5, 16, 32, 64, 256):
+        for taps in (1, 4, 8, 16):
+            shape = dict(channels=channels, nhwc=nhwc, taps=taps, backward=backward)
+            tuned = ops._bwd_kernel if backward else ops._fwd_kernel
+            assert in_space(tuned.heuristic(**shape), tuned), shape
+            assert in_space(ops._sorted_kernel.heuristic(**shape), ops._sorted_kernel), shape
+            assert in_space(ops._taps_kernel.heuristic(**shape), ops._taps_kernel), shape
+
+
+def test_a_launch_on_another_gpu_runs_under_that_gpus_guard(monkeypatch):
+    """Triton launches on the current device; a tensor on cuda:1 while cuda:0 is current must not."""
+    events = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            events.append(("enter", self.device))
+
+        def __exit__(self, *exc):
+            events.append(("exit", self.device))
+
+    class Wrapped:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda **arguments: events.append(("launch", grid, arguments["out_ptr"]))
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(tuning, "wrap_triton", Wrapped)
+    tuned = _toy(monkeypatch)
+    for index in (1, 0):
+        tuning.Launch(tuned, "key", torch.device("cuda", index), {"BLOCK_P": 8})((1,), out_ptr=index)
+    assert events == [("enter", torch.device("cuda", 1)), ("launch", (1,), 1), ("exit", torch.device("cuda", 1)),
+                      ("launch", (1,), 0)]

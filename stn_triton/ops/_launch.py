@@ -1,14 +1,47 @@
-"""Host-side helpers shared by the op launchers: strides, memory formats, index widths."""
+"""Host-side helpers shared by the op launchers: strides by name, memory formats, index widths, sizes.
+
+Everything here runs on every call, so it is plain integer arithmetic (``triton.cdiv`` and
+``triton.next_power_of_2`` are Triton function objects, several times slower to call).
+"""
+
+import functools
 
 import torch
 
 INT32_LIMIT = 2**31 - 1
+# Under the interpreter, work splits as on an H100 (132 SMs), so the CPU tests take the GPU's paths.
+INTERPRETER_MULTIPROCESSORS = 132
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (an H100's count for the interpreter on a CPU)."""
+    if device.type != "cuda":
+        return INTERPRETER_MULTIPROCESSORS
+    return _multiprocessors(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def spatial_strides(t: torch.Tensor) -> tuple[int, ...]:
     """(n, c, d, h, w) strides of a 4-D or 5-D [N, C, (D,) H, W] tensor; d is 0 for 4-D."""
     s = t.stride()
     return s if t.dim() == 5 else (s[0], s[1], 0, s[2], s[3])
+
+
+def named_strides(prefix: str, t: torch.Tensor) -> dict[str, int]:
+    """``{prefix_n: .., prefix_c: .., prefix_d: .., prefix_h: .., prefix_w: ..}`` of a [N, C, (D,) H, W] tensor."""
+    return dict(zip((f"{prefix}_n", f"{prefix}_c", f"{prefix}_d", f"{prefix}_h", f"{prefix}_w"), spatial_strides(t)))
 
 
 def grid_strides(grid: torch.Tensor) -> tuple[int, ...]:
@@ -44,6 +77,8 @@ def empty_like_layout(t: torch.Tensor, shape, dtype=None) -> torch.Tensor:
 def needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether any element of the tensors lies at an offset that int32 cannot hold."""
     for t in tensors:
+        if t.untyped_storage().nbytes() // t.element_size() <= INT32_LIMIT:
+            continue  # every view into a smaller storage is addressed in int32
         extent = sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride()) if size > 0)
         if t.numel() > INT32_LIMIT or extent >= INT32_LIMIT:
             return True

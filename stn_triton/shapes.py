@@ -1,0 +1,73 @@
+"""The benchmark shapes: one entry per case id of the perf suite, the one place they are written.
+
+``perf/cases.py`` builds its cases from ``SHAPES`` and ``python -m stn_triton.tune`` its
+tuning workloads, so the kernels are tuned at the shapes the suite measures. The table lives in
+the package because ``stn_triton.tune`` is installed with it and ``perf/`` is not.
+
+Sampling is bilinear (trilinear in 3-D), zero padding, ``align_corners=False`` unless ``mode``
+says otherwise; deformable convolutions are C -> C channels, stride 1, "same" padding, with a
+mask. The two training-step cases (op ``SpatialTransformer`` and ``DeformConv2d``) time a whole
+step of a model, and their shape is that of the op inside it.
+"""
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """One case's shape: the op it measures and the sizes of the tensor that op samples."""
+
+    op: str  # a stn_triton function, or the stn_triton module whose training step is timed
+    N: int  # batch
+    C: int  # channels of the sampled tensor (in a bottleneck step: its 3x3 conv's; the block has 4 C)
+    size: tuple[int, ...]  # spatial size of the input, (H, W) or (D, H, W)
+    out: tuple[int, ...] | None = None  # spatial size of the output; None: ``size``
+    C_out: int | None = None  # output channels of a convolution; None: ``C``
+    mode: str = "bilinear"  # sampling mode
+    K: int = 0  # control points of a thin-plate spline
+    kernel: int = 0  # side of a deformable convolution's kernel
+    deterministic: bool = False  # fwd+bwd under torch.use_deterministic_algorithms(True)
+    sweep: str | None = None  # "side" or "batch": a point of the scaling sweep, id sweep_<axis>_<value>
+
+    @property
+    def out_size(self) -> tuple[int, ...]:
+        return self.size if self.out is None else self.out
+
+    @property
+    def out_channels(self) -> int:
+        return self.C if self.C_out is None else self.C_out
+
+
+def _sweep() -> dict[str, BenchShape]:
+    """Fused affine at C=16: image side 64..2048 at N=8, and batch 1..256 at 128x128."""
+    sides = {f"sweep_side_{s}": BenchShape("affine_grid_sample", 8, 16, (s, s), sweep="side")
+             for s in (64, 128, 256, 512, 1024, 2048)}
+    batches = {f"sweep_batch_{n}": BenchShape("affine_grid_sample", n, 16, (128, 128), sweep="batch")
+               for n in (1, 4, 16, 64, 256)}
+    return sides | batches
+
+
+_AFFINE2D_C64 = BenchShape("affine_grid_sample", 32, 64, (128, 128))
+_GRID2D_C64 = BenchShape("grid_sample", 32, 64, (128, 128))
+
+SHAPES: dict[str, BenchShape] = {
+    "affine2d_c3": BenchShape("affine_grid_sample", 64, 3, (224, 224)),
+    "affine2d_c64": _AFFINE2D_C64,
+    "affine_grid_c3": BenchShape("affine_grid", 64, 3, (224, 224)),  # affine_grid, then grid_sample
+    "grid2d_c3": BenchShape("grid_sample", 64, 3, (224, 224)),
+    "grid2d_c64": _GRID2D_C64,
+    "grid2d_c256_small": BenchShape("grid_sample", 4, 256, (16, 16)),
+    "grid2d_c3_bicubic": BenchShape("grid_sample", 64, 3, (224, 224), mode="bicubic"),
+    "affine3d_c4": BenchShape("affine_grid_sample", 4, 4, (64, 64, 64)),
+    "persp2d_c3": BenchShape("perspective_grid_sample", 64, 3, (224, 224)),
+    "tps_text": BenchShape("tps_grid_sample", 256, 3, (64, 200), out=(32, 100), K=20),
+    "dcn_r50": BenchShape("deform_conv2d", 8, 256, (56, 56), kernel=3),
+    "dcn_wide": BenchShape("deform_conv2d", 16, 64, (112, 112), kernel=3),
+    "affine2d_c64_det": replace(_AFFINE2D_C64, deterministic=True),
+    "grid2d_c64_det": replace(_GRID2D_C64, deterministic=True),
+    # The notebook's classifier (notebooks/stn_distorted_mnist.ipynb) on 42x42 digits, at batch 256.
+    "stn_mnist_step": BenchShape("SpatialTransformer", 256, 1, (42, 42)),
+    # A ResNet-50 bottleneck (1024 -> 256 -> 256 -> 1024) with a DCNv2 3x3 conv: dcn_r50's op in a block.
+    "dcn_block_step": BenchShape("DeformConv2d", 8, 256, (56, 56), kernel=3),
+    **_sweep(),
+}
