@@ -1,5 +1,6 @@
 """stn_triton: fused Triton kernels for spatial transformers and deformable convolution."""
 
+from stn_triton import swap
 from stn_triton.backend import backend
 from stn_triton.functional import (
     affine_grid,
@@ -23,6 +24,7 @@ __all__ = [
     "deform_conv2d",
     "grid_sample",
     "perspective_grid_sample",
+    "swap",
     "tps_grid_sample",
     "warp_affine",
     "warp_perspective",

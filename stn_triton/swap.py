@@ -1,0 +1,277 @@
+"""Route a whole program's ``grid_sample``, ``affine_grid`` and ``deform_conv2d`` to stn_triton.
+
+``apply()`` replaces ``torch.nn.functional.grid_sample`` and ``torch.nn.functional.affine_grid``,
+and, when torchvision is installed, ``torchvision.ops.deform_conv2d`` (the same function as
+``torchvision.ops.deform_conv.deform_conv2d``), with wrappers; ``revert()`` puts the original
+objects back; ``swapped()`` does both around a block. Code that looks these functions up when it
+calls them (``F.grid_sample(...)``, as kornia and detection libraries do, and torchvision's own
+``DeformConv2d.forward``) then runs on the Triton kernels; a name bound earlier
+(``from torch.nn.functional import grid_sample``) keeps the original.
+
+A wrapper calls stn_triton only when it promises the original's result for those arguments: float
+tensors of one dtype on one device that stn_triton runs on its kernels (``backend(t) !=
+"torch"``), shapes and options it supports, an explicit bool ``align_corners``. Anything else
+(PyTorch's ``align_corners=None`` default and its warning, dtype or device mismatches, integer
+or non-Tensor arguments, ``__torch_function__`` subclasses, 5-D bicubic, extra arguments, shapes
+the original rejects, ``torch.func`` transforms, forward-mode AD, ``torch.jit.trace``, autocast
+where the original's autocast policy casts) goes to the original with the same arguments, so its
+errors, warnings and results are the original's. ``torch.jit.script`` compiles the original in
+place of a wrapper, so code scripted during the swap scripts as before (and runs PyTorch's ops).
+
+What cannot be decided from the arguments differs: a second derivative through a routed call
+raises (stn_triton has no double backward), and under ``torch.use_deterministic_algorithms(True)``
+a routed CUDA backward is deterministic where PyTorch's raises. On a CPU through Triton's
+interpreter, NaN grid values follow PyTorch's CUDA rules, not its CPU ones (see the README).
+"""
+
+import contextlib
+import functools
+import importlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import forward_ad
+from torch.overrides import has_torch_function, has_torch_function_unary, has_torch_function_variadic
+
+from stn_triton import functional
+from stn_triton.backend import TORCH, backend
+from stn_triton.ops.deform_conv import output_size
+
+# torchvision's deform_conv2d kernels dispatch float, double and half only: bfloat16 raises there.
+_DEFORM_CONV_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+# (module, attribute) -> the object found there by apply(), put back by revert().
+_originals: dict[tuple[object, str], Callable] = {}
+
+
+def _untransformed() -> bool:
+    """No ``torch.func`` transform and no forward-mode AD level is active.
+
+    stn_triton's ops support neither: under ``jacrev`` they raise, and a dual tensor's tangent
+    would be dropped silently where PyTorch raises.
+    """
+    return not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0
+
+
+def _routes_grid_sample(input, grid, mode, padding_mode, align_corners) -> bool:
+    """stn_triton.grid_sample returns what F.grid_sample would for these arguments."""
+    return (
+        # A trace records what runs; PyTorch's ops keep it portable (legacy ONNX export included).
+        not torch.jit.is_tracing()
+        and isinstance(align_corners, bool)
+        and isinstance(input, torch.Tensor)
+        and isinstance(grid, torch.Tensor)
+        and not has_torch_function_variadic(input, grid)
+        and input.dtype in functional.FLOAT_DTYPES
+        # Inside autocast stn_triton takes mixed dtypes and returns autocast's dtype, as PyTorch does.
+        and (grid.dtype == input.dtype or torch.is_autocast_enabled(input.device.type))
+        and grid.device == input.device
+        and input.dim() in (4, 5)
+        and grid.dim() == input.dim()
+        and grid.shape[-1] == input.dim() - 2
+        and grid.shape[0] == input.shape[0]
+        and 0 not in input.shape[2:]
+        and mode in functional.MODES
+        and (mode != "bicubic" or input.dim() == 4)
+        and padding_mode in functional.PADDING_MODES
+        and backend(input) != TORCH
+        and _untransformed()
+    )
+
+
+def _routes_affine_grid(theta, size, align_corners) -> bool:
+    """stn_triton.affine_grid returns what F.affine_grid would for these arguments."""
+    if not (
+        not torch.jit.is_tracing()
+        and isinstance(align_corners, bool)
+        and isinstance(theta, torch.Tensor)
+        and not has_torch_function_unary(theta)
+        and theta.dtype in functional.FLOAT_DTYPES
+        and isinstance(size, (list, tuple))
+        and len(size) in (4, 5)
+        and all(type(s) is int and s > 0 for s in size)
+    ):
+        return False
+    nd = len(size) - 2
+    return (
+        theta.dim() == 3
+        and theta.shape[0] == size[0]
+        and theta.shape[1] == nd
+        and theta.shape[2] == nd + 1
+        # F.affine_grid warns about unit-size grids with align_corners=True.
+        and not (align_corners and 1 in size[2:])
+        and backend(theta) != TORCH
+        and _untransformed()
+    )
+
+
+def _int_pair(value) -> tuple[int, int] | None:
+    """``value`` as torchvision's ``_pair`` reads it (an int, or two), or None for anything else."""
+    if type(value) is int:
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(type(v) is int for v in value):
+        return tuple(value)
+    return None
+
+
+def _routes_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask) -> bool:
+    """stn_triton.deform_conv2d returns what torchvision's deform_conv2d would for these arguments."""
+    tensors = (input, offset, weight, *(t for t in (bias, mask) if t is not None))
+    if not (
+        not torch.jit.is_tracing()
+        and all(isinstance(t, torch.Tensor) for t in tensors)
+        and not has_torch_function(tensors)
+        # Inside autocast torchvision casts every tensor to float32 (a bfloat16 input included) and its
+        # result to the input's dtype; stn_triton does the same.
+        and (torch.is_autocast_enabled(input.device.type)
+             or (input.dtype in _DEFORM_CONV_DTYPES and all(t.dtype == input.dtype for t in tensors)))
+        and all(t.dtype in functional.FLOAT_DTYPES and t.device == input.device for t in tensors)
+        and input.dim() == 4
+        and offset.dim() == 4
+        and weight.dim() == 4
+    ):
+        return False
+    stride, padding, dilation = _int_pair(stride), _int_pair(padding), _int_pair(dilation)
+    if stride is None or padding is None or dilation is None:
+        return False
+    n, channels, h, w = input.shape
+    out_channels, group_channels, kh, kw = weight.shape
+    if (
+        min(stride) < 1 or min(padding) < 0 or min(dilation) < 1
+        or 0 in (channels, h, w, group_channels, kh, kw)
+        or channels % group_channels != 0
+        or out_channels % (channels // group_channels) != 0
+    ):
+        return False
+    out_h, out_w = output_size(h, w, kh, kw, stride, padding, dilation)
+    taps = kh * kw
+    offset_groups = offset.shape[1] // (2 * taps)
+    return (
+        out_h > 0
+        and out_w > 0
+        and offset_groups > 0
+        and channels % offset_groups == 0
+        and offset.shape == (n, 2 * offset_groups * taps, out_h, out_w)
+        and (mask is None or mask.shape == (n, offset_groups * taps, out_h, out_w))
+        and (bias is None or bias.shape == (out_channels,))
+        and backend(input) != TORCH
+        and _untransformed()
+    )
+
+
+def _scripts_as(original: Callable, wrapper: Callable) -> Callable:
+    """``wrapper`` with ``original``'s metadata, compiled as ``original`` by ``torch.jit.script``.
+
+    TorchScript calls a function's ``__prepare_scriptable__`` and compiles what it returns, both
+    when scripting it directly and when a scripted function calls it.
+    """
+    functools.update_wrapper(wrapper, original)
+    wrapper.__prepare_scriptable__ = lambda: original
+    return wrapper
+
+
+def _grid_sample_route(original: Callable) -> Callable:
+    # The signature is the original's (same defaults), so a call binds as it would there; extra
+    # arguments are passed on for the original to reject.
+    def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=None, *args, **kwargs):
+        if not args and not kwargs and _routes_grid_sample(input, grid, mode, padding_mode, align_corners):
+            return functional.grid_sample(input, grid, mode, padding_mode, align_corners)
+        return original(input, grid, mode, padding_mode, align_corners, *args, **kwargs)
+
+    return _scripts_as(original, grid_sample)
+
+
+def _affine_grid_route(original: Callable) -> Callable:
+    def affine_grid(theta, size, align_corners=None, *args, **kwargs):
+        if not args and not kwargs and _routes_affine_grid(theta, size, align_corners):
+            return functional.affine_grid(theta, size, align_corners)
+        return original(theta, size, align_corners, *args, **kwargs)
+
+    return _scripts_as(original, affine_grid)
+
+
+def _deform_conv2d_route(original: Callable) -> Callable:
+    def deform_conv2d(
+        input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), mask=None, *args, **kwargs
+    ):
+        if not args and not kwargs and _routes_deform_conv2d(
+            input, offset, weight, bias, stride, padding, dilation, mask
+        ):
+            return functional.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+        return original(input, offset, weight, bias, stride, padding, dilation, mask, *args, **kwargs)
+
+    return _scripts_as(original, deform_conv2d)
+
+
+def _targets() -> list[tuple[object, str, Callable[[Callable], Callable]]]:
+    """(module, attribute, wrapper factory) of every function apply() swaps."""
+    targets = [(F, "grid_sample", _grid_sample_route), (F, "affine_grid", _affine_grid_route)]
+    try:
+        deform_conv = importlib.import_module("torchvision.ops.deform_conv")
+    except ModuleNotFoundError as error:
+        if error.name != "torchvision":  # installed but broken: say so rather than skip it
+            raise
+        return targets
+    ops = importlib.import_module("torchvision.ops")
+    # DeformConv2d.forward calls its module's deform_conv2d when it runs: swapping that name routes it.
+    return targets + [
+        (ops, "deform_conv2d", _deform_conv2d_route),
+        (deform_conv, "deform_conv2d", _deform_conv2d_route),
+    ]
+
+
+def _apply() -> list[tuple[object, str]]:
+    """Swap every target not swapped yet; returns the (module, attribute) pairs it swapped."""
+    wrappers: dict[Callable, Callable] = {}
+    swapped_now = []
+    for module, name, route in _targets():
+        if (module, name) in _originals:
+            continue
+        original = getattr(module, name)
+        # One wrapper per original, so names that were one function stay one function.
+        if original not in wrappers:
+            wrappers[original] = route(original)
+        _originals[(module, name)] = original
+        setattr(module, name, wrappers[original])
+        swapped_now.append((module, name))
+    return swapped_now
+
+
+def _revert(keys) -> None:
+    """Put back the originals at these (module, attribute) pairs, skipping any already put back."""
+    for module, name in keys:
+        if (module, name) in _originals:
+            setattr(module, name, _originals.pop((module, name)))
+
+
+def apply() -> None:
+    """Route ``F.grid_sample``, ``F.affine_grid`` and torchvision's ``deform_conv2d`` to stn_triton.
+
+    Each is replaced, in its module, by a wrapper that calls stn_triton's function where that
+    returns what the original would, and the original (with the same arguments) everywhere else.
+    ``torchvision.ops.deform_conv2d`` and ``torchvision.ops.deform_conv.deform_conv2d`` (which
+    ``torchvision.ops.DeformConv2d`` calls) are swapped when torchvision is installed. Applying
+    again is harmless: a function already swapped stays as it is, and one not swapped before
+    (torchvision installed meanwhile) is swapped now.
+    """
+    _apply()
+
+
+def revert() -> None:
+    """Put back the exact objects ``apply()`` replaced; harmless when nothing is swapped."""
+    _revert(list(_originals))
+
+
+@contextlib.contextmanager
+def swapped() -> Iterator[None]:
+    """Swap for the duration of a ``with`` block, and put back on leaving it, even on an exception.
+
+    It puts back only what it swapped: inside an earlier ``apply()`` or ``swapped()`` block,
+    the swap stays on after the block.
+    """
+    keys = _apply()
+    try:
+        yield
+    finally:
+        _revert(keys)
