@@ -1,12 +1,20 @@
-"""The benchmark cases: one declarative entry per case id, read by ``perf/run.py``.
+"""The benchmark cases, one per entry of ``stn_triton.shapes.SHAPES``, read by ``perf/run.py``.
 
 A case names the public ``stn_triton`` function it measures (``op``), its shapes, dtypes,
 layouts and passes, how to build its inputs, the call to time for ours, the PyTorch reference
 ours must equal, and its baselines. An entry whose op is not (yet) in ``stn_triton`` is skipped
-with a note, so adding an op to the suite means adding entries to ``CASES`` and nothing else.
+with a note. The shapes live in ``stn_triton/shapes.py``, which ``stn_triton.tune`` reads too:
+adding a case means adding its shape there (and, for a new op, a builder to ``BUILDERS`` here).
 
 Case ids, shapes and baselines follow issue 5; all sampling is bilinear (trilinear in 3-D),
 zero padding and ``align_corners=False`` unless the id says otherwise.
+
+The training-step cases (pass ``step``, ops ``SpatialTransformer`` and ``DeformConv2d``, models
+in ``perf/training.py``) time one step of a model as a user's loop runs it. Their callables
+build a Trainer from the inputs (the batch and the model's initial state_dict, which every
+variant loads) rather than computing an output, and each baseline is timed against ours run
+the same way: the ``eager`` row compares both models eager, the ``compile`` row both under
+``torch.compile``, so every row's speedup compares like with like.
 """
 
 import functools
@@ -18,15 +26,23 @@ import torch
 import torch.nn.functional as F
 
 import stn_triton
+import training
 from stn_triton import reference as stn_reference
+from stn_triton.shapes import SHAPES, BenchShape
 
 Inputs = dict[str, torch.Tensor]
-Shape = Mapping[str, object]
+Shape = BenchShape
 
 FWD, BWD, FWD_BWD = "fwd", "bwd", "fwd+bwd"
+STEP = "step"  # one training step of a model: forward, loss, backward, optimizer step
 NCHW, NHWC = "nchw", "nhwc"
 DEFAULT_DTYPES = (torch.float32, torch.bfloat16)
 DCN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def cast(inputs: Inputs, dtype: torch.dtype) -> Inputs:
+    """``inputs`` with every floating-point tensor in ``dtype`` (class labels and counters keep theirs)."""
+    return {name: t.to(dtype) if t.is_floating_point() else t for name, t in inputs.items()}
 
 
 def minimal_bytes(inputs: Inputs, output: torch.Tensor, grad_inputs: tuple[str, ...], pass_: str) -> int:
@@ -51,29 +67,43 @@ class Baseline:
     fn: Callable[..., torch.Tensor]
     dtypes: tuple[torch.dtype, ...] | None = None  # None: every dtype; else others run on float32 copies, noted
     compiled: bool = False  # wrap in torch.compile (static shapes), compiled and warmed before timing
+    ours: Callable | None = None  # what this baseline is timed against, when not the case's ours
 
 
 @dataclass(frozen=True)
 class Case:
     """One benchmark case: an op at one shape (``at`` gives it another), over dtypes x layouts x passes."""
 
-    op: str  # the stn_triton function measured (the CSV `op` column); the case is skipped until it exists
+    op: str  # the stn_triton function or module measured (the CSV `op` column); skipped until it exists
     case: str  # the CSV `case` column
-    shape: Shape  # the measured shape, read by make_inputs
+    shape: Shape  # the measured shape, SHAPES[case], read by make_inputs
     smoke_shape: Shape  # the tiny shape of the CPU interpreter smoke
     make_inputs: Callable[[Shape, torch.dtype, torch.device, str, torch.Generator], Inputs]
-    ours: Callable[..., torch.Tensor]  # ours(**inputs) -> output
+    ours: Callable[..., torch.Tensor]  # ours(**inputs) -> output; for a training step -> a training.Trainer
     reference: Baseline  # the PyTorch composition ours must equal, checked against in float64
     baselines: Mapping[str, Baseline]  # the CSV `baseline` column -> its callable
     grad_inputs: tuple[str, ...]  # inputs whose gradients bwd computes
     dtypes: tuple[torch.dtype, ...] = DEFAULT_DTYPES
     layouts: tuple[str, ...] = (NCHW, NHWC)
-    passes: tuple[str, ...] = (FWD, BWD, FWD_BWD)
-    deterministic: bool = False  # time ours under torch.use_deterministic_algorithms(True)
+    passes: tuple[str, ...] = (FWD, BWD, FWD_BWD)  # or (STEP,) alone
     requires: tuple[str, ...] = ()  # modules besides stn_triton the case needs, e.g. torchvision
-    sweep_axis: str | None = None  # "side" or "batch" for scaling-sweep cases, id sweep_<axis>_<value>
-    shape_kwargs: tuple[str, ...] = ()  # shape entries every callable takes as keywords, e.g. "out"
+    shape_kwargs: tuple[str, ...] = ()  # shape attributes every callable takes as keywords, e.g. "out_size"
     bytes_moved: Callable[[Inputs, torch.Tensor, tuple[str, ...], str], int] = field(default=minimal_bytes)
+
+    @property
+    def deterministic(self) -> bool:
+        """Time ours under torch.use_deterministic_algorithms(True)."""
+        return self.shape.deterministic
+
+    @property
+    def sweep_axis(self) -> str | None:
+        """"side" or "batch" for scaling-sweep cases, id sweep_<axis>_<value>."""
+        return self.shape.sweep
+
+    @property
+    def training_step(self) -> bool:
+        """A training-step case: its callables build a training.Trainer from the inputs."""
+        return STEP in self.passes
 
     def missing(self) -> str | None:
         """Why this case cannot run here, or None when it can."""
@@ -85,10 +115,11 @@ class Case:
     def at(self, shape: Shape) -> "Case":
         """This case at ``shape`` (``self.shape`` to measure, ``self.smoke_shape`` for the smoke),
         with ``shape_kwargs`` bound into ours, the reference and every baseline."""
-        bound = {key: shape[key] for key in self.shape_kwargs}
+        bound = {key: getattr(shape, key) for key in self.shape_kwargs}
 
         def bind(baseline: Baseline) -> Baseline:
-            return replace(baseline, fn=functools.partial(baseline.fn, **bound))
+            ours = None if baseline.ours is None else functools.partial(baseline.ours, **bound)
+            return replace(baseline, fn=functools.partial(baseline.fn, **bound), ours=ours)
 
         return replace(
             self,
@@ -115,8 +146,8 @@ def _randn(shape, dtype, device, gen) -> torch.Tensor:
 
 
 def _image(shape: Shape, dtype, device, layout, gen) -> torch.Tensor:
-    """A random image [N, C, *shape["in"]] in ``layout``."""
-    return to_layout(_randn((shape["N"], shape["C"], *shape["in"]), dtype, device, gen), layout)
+    """A random image [N, C, *shape.size] in ``layout``."""
+    return to_layout(_randn((shape.N, shape.C, *shape.size), dtype, device, gen), layout)
 
 
 def _near_identity_theta(batch: int, nd: int, device, gen) -> torch.Tensor:
@@ -126,11 +157,11 @@ def _near_identity_theta(batch: int, nd: int, device, gen) -> torch.Tensor:
 
 
 def _near_identity_grid(shape: Shape, dtype, device, gen) -> torch.Tensor:
-    """A grid [N, *shape["out"], nd] = the identity jittered by up to 2 input pixels per axis."""
-    batch, out, nd = shape["N"], shape["out"], len(shape["out"])
+    """A grid [N, *shape.out_size, nd] = the identity jittered by up to 2 input pixels per axis."""
+    batch, out_size, nd = shape.N, shape.out_size, len(shape.out_size)
     identity = torch.eye(nd, nd + 1, device=device).expand(batch, nd, nd + 1)
-    grid = F.affine_grid(identity, [batch, 1, *out], align_corners=False)
-    pixel = torch.tensor([2.0 / s for s in reversed(shape["in"])], device=device)  # grid is (x, y[, z])
+    grid = F.affine_grid(identity, [batch, 1, *out_size], align_corners=False)
+    pixel = torch.tensor([2.0 / s for s in reversed(shape.size)], device=device)  # grid is (x, y[, z])
     jitter = (2 * torch.rand(grid.shape, device=device, generator=gen) - 1) * 2 * pixel
     return (grid + jitter).to(dtype)
 
@@ -142,14 +173,14 @@ def grid_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
 
 def affine_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
     """input [N, C, *in], theta [N, nd, nd+1]."""
-    nd = len(shape["in"])
-    theta = _near_identity_theta(shape["N"], nd, device, gen).to(dtype)
+    nd = len(shape.size)
+    theta = _near_identity_theta(shape.N, nd, device, gen).to(dtype)
     return {"input": _image(shape, dtype, device, layout, gen), "theta": theta}
 
 
 def homography_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
     """input [N, C, H, W], homography [N, 3, 3] near the identity with a mild perspective row."""
-    batch = shape["N"]
+    batch = shape.N
     homography = torch.eye(3, device=device).expand(batch, 3, 3).clone()
     homography[:, :2] += 0.1 * torch.randn((batch, 2, 3), device=device, generator=gen)
     homography[:, 2, :2] += 0.05 * torch.randn((batch, 2), device=device, generator=gen)
@@ -166,8 +197,8 @@ def text_control_points(count: int, device) -> torch.Tensor:
 
 def tps_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
     """input [N, C, H, W], source_points [N, K, 2] = control_points [K, 2] moved by up to 10%."""
-    control = text_control_points(shape["K"], device)
-    moved = control + 0.1 * (2 * torch.rand((shape["N"], *control.shape), device=device, generator=gen) - 1)
+    control = text_control_points(shape.K, device)
+    moved = control + 0.1 * (2 * torch.rand((shape.N, *control.shape), device=device, generator=gen) - 1)
     return {
         "input": _image(shape, dtype, device, layout, gen),
         "source_points": moved.to(dtype),
@@ -178,8 +209,8 @@ def tps_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
 def dcn_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
     """input [N, C_in, H, W], offset [N, 2*k*k, H, W] (about a pixel), mask [N, k*k, H, W] in (0, 1),
     weight [C_out, C_in, k, k], bias [C_out]; stride 1 and "same" padding keep H x W."""
-    batch, c_in, c_out, k = shape["N"], shape["C"], shape["C_out"], shape["kernel"]
-    height, width = shape["in"]
+    batch, c_in, c_out, k = shape.N, shape.C, shape.out_channels, shape.kernel
+    height, width = shape.size
     image = _image(shape, dtype, device, layout, gen)
     offset = _randn((batch, 2 * k * k, height, width), dtype, device, gen)
     mask = torch.sigmoid(_randn((batch, k * k, height, width), torch.float32, device, gen)).to(dtype)
@@ -204,36 +235,37 @@ def eager_grid_sample(input, grid, *, mode):
     return F.grid_sample(input, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
-def ours_affine_grid_then_sample(input, theta, *, out):
-    grid = stn_triton.affine_grid(theta, (*input.shape[:2], *out), align_corners=False)
+def ours_affine_grid_then_sample(input, theta, *, out_size):
+    grid = stn_triton.affine_grid(theta, (*input.shape[:2], *out_size), align_corners=False)
     return stn_triton.grid_sample(input, grid, align_corners=False)
 
 
-def ours_affine_grid_sample(input, theta, *, out):
-    return stn_triton.affine_grid_sample(input, theta, size=(*input.shape[:2], *out), align_corners=False)
+def ours_affine_grid_sample(input, theta, *, out_size):
+    return stn_triton.affine_grid_sample(input, theta, size=(*input.shape[:2], *out_size), align_corners=False)
 
 
-def eager_affine_grid_sample(input, theta, *, out):
-    grid = F.affine_grid(theta, [*input.shape[:2], *out], align_corners=False)
+def eager_affine_grid_sample(input, theta, *, out_size):
+    grid = F.affine_grid(theta, [*input.shape[:2], *out_size], align_corners=False)
     return F.grid_sample(input, grid, align_corners=False)
 
 
-def ours_perspective_grid_sample(input, homography, *, out):
-    return stn_triton.perspective_grid_sample(input, homography, size=(*input.shape[:2], *out), align_corners=False)
+def ours_perspective_grid_sample(input, homography, *, out_size):
+    size = (*input.shape[:2], *out_size)
+    return stn_triton.perspective_grid_sample(input, homography, size=size, align_corners=False)
 
 
-def eager_perspective_grid_sample(input, homography, *, out):
+def eager_perspective_grid_sample(input, homography, *, out_size):
     """Source = H [x, y, 1]^T dehomogenised, over the normalized output pixel centres."""
     batch = input.shape[0]
     identity = torch.eye(2, 3, dtype=input.dtype, device=input.device).expand(batch, 2, 3)
-    target = F.affine_grid(identity, [batch, 1, *out], align_corners=False)  # [N, H, W, 2]
+    target = F.affine_grid(identity, [batch, 1, *out_size], align_corners=False)  # [N, H, W, 2]
     homogeneous = torch.cat([target, torch.ones_like(target[..., :1])], dim=-1)
     source = torch.einsum("nhwj,nij->nhwi", homogeneous, homography)
     return F.grid_sample(input, source[..., :2] / source[..., 2:], align_corners=False)
 
 
-def ours_tps_grid_sample(input, source_points, control_points, *, out):
-    size = (*input.shape[:2], *out)
+def ours_tps_grid_sample(input, source_points, control_points, *, out_size):
+    size = (*input.shape[:2], *out_size)
     return stn_triton.tps_grid_sample(input, source_points, control_points, size=size, align_corners=False)
 
 
@@ -243,7 +275,7 @@ def _tps_radial(points: torch.Tensor, control_points: torch.Tensor) -> torch.Ten
     return torch.where(squared > 0, squared * torch.log(squared.clamp_min(1e-30)), torch.zeros_like(squared))
 
 
-def eager_tps_grid_sample(input, source_points, control_points, *, out):
+def eager_tps_grid_sample(input, source_points, control_points, *, out_size):
     """Solve the TPS system for f(control_points[k]) = source_points[n, k], evaluate f on the
     output pixel centres and sample: the usual PyTorch composition (as in ASTER), in float32
     for half-precision inputs because torch.linalg.solve has no half-precision kernels."""
@@ -258,9 +290,9 @@ def eager_tps_grid_sample(input, source_points, control_points, *, out):
     rhs = torch.cat([source_points, source_points.new_zeros(batch, 3, 2)], dim=1)  # [N, K+3, 2]
     coefficients = torch.linalg.solve(system, rhs)  # [N, K+3, 2]
     identity = torch.eye(2, 3, dtype=math_dtype, device=input.device).unsqueeze(0)
-    target = F.affine_grid(identity, [1, 1, *out], align_corners=False).reshape(-1, 2)  # [P, 2]
+    target = F.affine_grid(identity, [1, 1, *out_size], align_corners=False).reshape(-1, 2)  # [P, 2]
     design = torch.cat([_tps_radial(target, control_points), torch.ones_like(target[:, :1]), target], dim=1)
-    grid = (design @ coefficients).reshape(batch, *out, 2)
+    grid = (design @ coefficients).reshape(batch, *out_size, 2)
     return F.grid_sample(input, grid.to(input.dtype), align_corners=False)
 
 
@@ -280,7 +312,7 @@ def dense_conv2d(input, offset, mask, weight, bias, *, padding):
     return F.conv2d(input, weight, bias, padding=padding)
 
 
-# ---- case builders --------------------------------------------------------------------------
+# ---- case builders: one per op, from the case id and its entry of SHAPES ------------------------
 
 
 def _eager_and_compile(eager: Callable) -> tuple[Baseline, dict[str, Baseline]]:
@@ -289,83 +321,70 @@ def _eager_and_compile(eager: Callable) -> tuple[Baseline, dict[str, Baseline]]:
     return reference, {"eager": reference, "compile": Baseline(eager, compiled=True)}
 
 
-def grid_sample_case(case_id: str, batch: int, channels: int, size: tuple[int, ...], mode="bilinear") -> Case:
-    """grid_sample [N, C, *size] with a grid [N, *size, nd] near the identity."""
-    reference, baselines = _eager_and_compile(functools.partial(eager_grid_sample, mode=mode))
+def grid_sample_case(case_id: str, shape: Shape) -> Case:
+    """grid_sample [N, C, *size] with a grid [N, *out_size, nd] near the identity."""
+    reference, baselines = _eager_and_compile(functools.partial(eager_grid_sample, mode=shape.mode))
     return Case(
-        op="grid_sample",
+        op=shape.op,
         case=case_id,
-        shape={"N": batch, "C": channels, "in": size, "out": size},
-        smoke_shape={"N": 2, "C": min(channels, 3), "in": (8, 8), "out": (6, 7)},
+        shape=shape,
+        smoke_shape=replace(shape, N=2, C=min(shape.C, 3), size=(8, 8), out=(6, 7)),
         make_inputs=grid_inputs,
-        ours=functools.partial(ours_grid_sample, mode=mode),
+        ours=functools.partial(ours_grid_sample, mode=shape.mode),
         reference=reference,
         baselines=baselines,
         grad_inputs=("input", "grid"),
     )
 
 
-def deterministic_case(case: Case) -> Case:
-    """``case``'s fwd+bwd under torch.use_deterministic_algorithms(True), against our default
-    (atomic) backward as the ``nondeterministic`` baseline."""
-    return replace(
-        case,
-        case=f"{case.case}_det",
-        passes=(FWD_BWD,),
-        deterministic=True,
-        baselines={"nondeterministic": Baseline(case.ours)},
-    )
-
-
-def affine_case(case_id: str, batch: int, channels: int, size: tuple[int, ...], *, fused=True, **overrides) -> Case:
-    """affine_grid_sample [N, C, *size] -> [N, C, *size] with theta near the identity; with
-    ``fused=False``, stn_triton.affine_grid then stn_triton.grid_sample (op ``affine_grid``)."""
+def affine_case(case_id: str, shape: Shape) -> Case:
+    """affine_grid_sample [N, C, *size] -> [N, C, *out_size] with theta near the identity; for op
+    ``affine_grid``, stn_triton.affine_grid then stn_triton.grid_sample."""
     reference, baselines = _eager_and_compile(eager_affine_grid_sample)
-    ours = ours_affine_grid_sample if fused else ours_affine_grid_then_sample
-    smoke_in, smoke_out = ((8, 9), (6, 7)) if len(size) == 2 else ((4, 5, 6), (3, 4, 5))
+    ours = ours_affine_grid_sample if shape.op == "affine_grid_sample" else ours_affine_grid_then_sample
+    smoke_in, smoke_out = ((8, 9), (6, 7)) if len(shape.size) == 2 else ((4, 5, 6), (3, 4, 5))
     return Case(
-        op="affine_grid_sample" if fused else "affine_grid",
+        op=shape.op,
         case=case_id,
-        shape={"N": batch, "C": channels, "in": size, "out": size},
-        smoke_shape={"N": 2, "C": min(channels, 3), "in": smoke_in, "out": smoke_out},
+        shape=shape,
+        smoke_shape=replace(shape, N=2, C=min(shape.C, 3), size=smoke_in, out=smoke_out),
         make_inputs=affine_inputs,
         ours=ours,
-        shape_kwargs=("out",),
+        shape_kwargs=("out_size",),
         reference=reference,
         baselines=baselines,
         grad_inputs=("input", "theta"),
-        **overrides,
     )
 
 
-def perspective_case(case_id: str, batch: int, channels: int, size: tuple[int, int]) -> Case:
-    """perspective_grid_sample [N, C, *size] -> [N, C, *size] with a homography near the identity."""
+def perspective_case(case_id: str, shape: Shape) -> Case:
+    """perspective_grid_sample [N, C, *size] -> [N, C, *out_size] with a homography near the identity."""
     reference, baselines = _eager_and_compile(eager_perspective_grid_sample)
     return Case(
-        op="perspective_grid_sample",
+        op=shape.op,
         case=case_id,
-        shape={"N": batch, "C": channels, "in": size, "out": size},
-        smoke_shape={"N": 2, "C": min(channels, 3), "in": (8, 8), "out": (6, 7)},
+        shape=shape,
+        smoke_shape=replace(shape, N=2, C=min(shape.C, 3), size=(8, 8), out=(6, 7)),
         make_inputs=homography_inputs,
         ours=ours_perspective_grid_sample,
-        shape_kwargs=("out",),
+        shape_kwargs=("out_size",),
         reference=reference,
         baselines=baselines,
         grad_inputs=("input", "homography"),
     )
 
 
-def tps_case(case_id: str, batch: int, channels: int, points: int, size_in, size_out) -> Case:
-    """tps_grid_sample [N, C, *size_in] -> [N, C, *size_out] with ``points`` control points."""
+def tps_case(case_id: str, shape: Shape) -> Case:
+    """tps_grid_sample [N, C, *size] -> [N, C, *out_size] with K control points."""
     reference, baselines = _eager_and_compile(eager_tps_grid_sample)
     return Case(
-        op="tps_grid_sample",
+        op=shape.op,
         case=case_id,
-        shape={"N": batch, "C": channels, "K": points, "in": size_in, "out": size_out},
-        smoke_shape={"N": 2, "C": min(channels, 3), "K": 6, "in": (8, 12), "out": (5, 7)},
+        shape=shape,
+        smoke_shape=replace(shape, N=2, C=min(shape.C, 3), K=6, size=(8, 12), out=(5, 7)),
         make_inputs=tps_inputs,
         ours=ours_tps_grid_sample,
-        shape_kwargs=("out",),
+        shape_kwargs=("out_size",),
         reference=reference,
         baselines=baselines,
         grad_inputs=("input", "source_points"),
@@ -377,22 +396,26 @@ def reference_deform_conv2d(input, offset, mask, weight, bias, *, padding):
     return stn_reference.deform_conv2d(input, offset, weight, bias, (1, 1), (padding, padding), (1, 1), mask)
 
 
-def dcn_case(case_id: str, batch: int, channels: int, size: tuple[int, int], kernel=3) -> Case:
-    """deform_conv2d with mask, C -> C channels, ``kernel`` x ``kernel``, stride 1, same padding,
+def torchvision_installed() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def dcn_case(case_id: str, shape: Shape) -> Case:
+    """deform_conv2d with mask, C -> C_out channels, kernel x kernel, stride 1, same padding,
     against torchvision where it is installed (float32 time for bfloat16, which it lacks) and a
     dense cuDNN conv; checked against the plain PyTorch implementation in float64."""
-    padding = kernel // 2
+    padding = shape.kernel // 2
     baselines = {"cudnn_conv": Baseline(functools.partial(dense_conv2d, padding=padding))}
-    if importlib.util.find_spec("torchvision") is not None:
+    if torchvision_installed():
         baselines["torchvision"] = Baseline(
             functools.partial(torchvision_deform_conv2d, padding=padding),
             dtypes=(torch.float32, torch.float64, torch.float16),
         )
     return Case(
-        op="deform_conv2d",
+        op=shape.op,
         case=case_id,
-        shape={"N": batch, "C": channels, "C_out": channels, "kernel": kernel, "in": size},
-        smoke_shape={"N": 2, "C": 3, "C_out": 4, "kernel": kernel, "in": (6, 7)},
+        shape=shape,
+        smoke_shape=replace(shape, N=2, C=3, C_out=4, size=(6, 7)),
         make_inputs=dcn_inputs,
         ours=functools.partial(ours_deform_conv2d, padding=padding),
         reference=Baseline(functools.partial(reference_deform_conv2d, padding=padding)),
@@ -403,37 +426,133 @@ def dcn_case(case_id: str, batch: int, channels: int, size: tuple[int, int], ker
     )
 
 
-def sweep_cases() -> list[Case]:
-    """Fused affine fwd+bwd, float32, nchw, at C=16: image side 64..2048 (N=8) and batch
-    1..256 (128x128), against eager, to show how time and GB/s grow with work."""
-    common = {"dtypes": (torch.float32,), "layouts": (NCHW,), "passes": (FWD_BWD,)}
-
-    def sweep(axis: str, value: int, batch: int, side: int) -> Case:
-        case = affine_case(f"sweep_{axis}_{value}", batch, 16, (side, side), sweep_axis=axis, **common)
-        return replace(case, baselines={"eager": case.reference})
-
-    sides = [sweep("side", side, 8, side) for side in (64, 128, 256, 512, 1024, 2048)]
-    batches = [sweep("batch", batch, batch, 128) for batch in (1, 4, 16, 64, 256)]
-    return sides + batches
+# ---- training steps ------------------------------------------------------------------------------
 
 
-GRID2D_C64 = grid_sample_case("grid2d_c64", 32, 64, (128, 128))
-AFFINE2D_C64 = affine_case("affine2d_c64", 32, 64, (128, 128))
+def stn_step_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
+    """input [N, C, H, W] images in [0, 1), target [N] class labels, and the classifier's initial
+    state_dict (its own initialisation, the transformer's head moved off the identity)."""
+    image = to_layout(torch.rand((shape.N, shape.C, *shape.size), device=device, generator=gen).to(dtype), layout)
+    target = torch.randint(training.CLASSES, (shape.N,), device=device, generator=gen)
+    state = training.seeded_state(lambda: training.trained_stn_classifier(image), gen, dtype, device)
+    return {"input": image, "target": target, **state}
 
-CASES: list[Case] = [
-    affine_case("affine2d_c3", 64, 3, (224, 224)),
-    AFFINE2D_C64,
-    affine_case("affine_grid_c3", 64, 3, (224, 224), fused=False),
-    grid_sample_case("grid2d_c3", 64, 3, (224, 224)),
-    GRID2D_C64,
-    grid_sample_case("grid2d_c256_small", 4, 256, (16, 16)),
-    grid_sample_case("grid2d_c3_bicubic", 64, 3, (224, 224), mode="bicubic"),
-    affine_case("affine3d_c4", 4, 4, (64, 64, 64)),
-    perspective_case("persp2d_c3", 64, 3, (224, 224)),
-    tps_case("tps_text", 256, 3, 20, (64, 200), (32, 100)),
-    dcn_case("dcn_r50", 8, 256, (56, 56)),
-    dcn_case("dcn_wide", 16, 64, (112, 112)),
-    deterministic_case(AFFINE2D_C64),
-    deterministic_case(GRID2D_C64),
-    *sweep_cases(),
-]
+
+def dcn_block_step_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
+    """input and target [N, 4 C, H, W], and the bottleneck's initial state_dict (its own initialisation)."""
+    block_shape = (shape.N, 4 * shape.C, *shape.size)
+    image = to_layout(_randn(block_shape, dtype, device, gen), layout)
+    target = to_layout(_randn(block_shape, dtype, device, gen), layout)
+    state = training.seeded_state(lambda: training.deform_bottleneck(image), gen, dtype, device)
+    return {"input": image, "target": target, **state}
+
+
+def step_case(case_id: str, shape: Shape, smoke_shape: Shape, make_inputs, loss, ours, reference, theirs=None,
+              **overrides) -> Case:
+    """One training step (perf/training.py) of the model ``ours`` builds, checked against the
+    model ``reference`` builds in float64; with ``theirs`` (the same model on PyTorch's ops), rows
+    ``eager`` (both eager) and ``compile`` (both under torch.compile). float32 only: a model is
+    trained in half precision under autocast, not by casting its parameters."""
+    ours = functools.partial(training.start_training, ours, loss)
+    baselines = {}
+    if theirs is not None:
+        theirs = functools.partial(training.start_training, theirs, loss)
+        baselines = {
+            "eager": Baseline(theirs),
+            "compile": Baseline(
+                functools.partial(theirs, compiled=True), ours=functools.partial(ours, compiled=True)
+            ),
+        }
+    return Case(
+        op=shape.op,
+        case=case_id,
+        shape=shape,
+        smoke_shape=smoke_shape,
+        make_inputs=make_inputs,
+        ours=ours,
+        reference=Baseline(functools.partial(training.start_training, reference, loss)),
+        baselines=baselines,
+        grad_inputs=(),
+        dtypes=(torch.float32,),
+        passes=(STEP,),
+        **overrides,
+    )
+
+
+def stn_step_case(case_id: str, shape: Shape) -> Case:
+    """A step of the notebook's classifier behind stn_triton.SpatialTransformer, against the same
+    model sampling with F.affine_grid + F.grid_sample (also the reference). nchw only: a
+    one-channel image has no other layout."""
+    return step_case(
+        case_id,
+        shape,
+        replace(shape, N=4, size=(12, 12)),
+        stn_step_inputs,
+        F.cross_entropy,
+        ours=training.stn_classifier,
+        reference=training.torch_stn_classifier,
+        theirs=training.torch_stn_classifier,
+        layouts=(NCHW,),
+    )
+
+
+def dcn_block_step_case(case_id: str, shape: Shape) -> Case:
+    """A step of the DCNv2 bottleneck with stn_triton.DeformConv2d, against the same block with
+    torchvision's DeformConv2d where torchvision is installed (without it those rows are
+    skipped) and, eager, with a dense 3x3 conv (``cudnn_conv``, the floor); checked against the
+    block on the plain PyTorch deformable convolution in float64."""
+    # 30 pixels: the interpreter spends about a second per DCN kernel and pixel block.
+    smoke_shape = replace(shape, N=2, C=4, size=(3, 5))
+    case = step_case(
+        case_id,
+        shape,
+        smoke_shape,
+        dcn_block_step_inputs,
+        F.mse_loss,
+        ours=training.deform_bottleneck,
+        reference=training.reference_bottleneck,
+        theirs=training.torchvision_bottleneck if torchvision_installed() else None,
+    )
+    dense = functools.partial(training.start_training, training.dense_bottleneck, F.mse_loss)
+    return replace(case, baselines={**case.baselines, "cudnn_conv": Baseline(dense)})
+
+
+# ---- variants and the table ------------------------------------------------------------------------
+
+
+def deterministic_case(case: Case) -> Case:
+    """``case``'s fwd+bwd under torch.use_deterministic_algorithms(True), against our default
+    (atomic) backward as the ``nondeterministic`` baseline."""
+    return replace(case, passes=(FWD_BWD,), baselines={"nondeterministic": Baseline(case.ours)})
+
+
+def sweep_case(case: Case) -> Case:
+    """``case``'s fwd+bwd, float32, nchw, against eager only: one point of a scaling sweep, to
+    show how time and GB/s grow with work."""
+    return replace(
+        case, dtypes=(torch.float32,), layouts=(NCHW,), passes=(FWD_BWD,), baselines={"eager": case.reference}
+    )
+
+
+BUILDERS: dict[str, Callable[[str, Shape], Case]] = {
+    "grid_sample": grid_sample_case,
+    "affine_grid_sample": affine_case,
+    "affine_grid": affine_case,
+    "perspective_grid_sample": perspective_case,
+    "tps_grid_sample": tps_case,
+    "deform_conv2d": dcn_case,
+    "SpatialTransformer": stn_step_case,
+    "DeformConv2d": dcn_block_step_case,
+}
+
+
+def build_case(case_id: str, shape: Shape) -> Case:
+    case = BUILDERS[shape.op](case_id, shape)
+    if shape.deterministic:
+        case = deterministic_case(case)
+    if shape.sweep is not None:
+        case = sweep_case(case)
+    return case
+
+
+CASES: list[Case] = [build_case(case_id, shape) for case_id, shape in SHAPES.items()]

@@ -1,17 +1,20 @@
 """Is ours right? The check that runs before any timing, and the whole of the CPU smoke.
 
 Ours is compared with the case's PyTorch reference run in float64 on float64 copies of the same
-inputs. The allowed error is the larger of twice the reference's own error in the measured dtype
-(flash-attention's rule for low precision) and a per-dtype tolerance relative to the largest
-reference value.
+inputs: the output and the gradients of an op, or the loss, the gradients and the parameters
+after one training step from the same initial state_dict. The allowed error is the larger of
+twice the reference's own error in the measured dtype (flash-attention's rule for low precision)
+and a per-dtype tolerance relative to the largest reference value.
 """
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from cases import FWD, Case, Inputs
+from cases import FWD, Case, Inputs, cast
+from training import step_results
 
 RELATIVE_TOLERANCE = {
     torch.float64: 1e-9,
@@ -32,26 +35,22 @@ def deterministic_algorithms(enabled: bool):
         torch.use_deterministic_algorithms(previous)
 
 
-def output_and_grads(fn, inputs: Inputs, grad_inputs: tuple[str, ...], grad_output) -> list[torch.Tensor]:
-    """[output, *d(output . grad_output)/d(inputs[name]) for name in grad_inputs]; only the
-    output when ``grad_output`` is None."""
+def output_and_grads(fn, inputs: Inputs, grad_inputs: tuple[str, ...], grad_output) -> dict[str, torch.Tensor]:
+    """{"output": output, "grad_<name>": d(output . grad_output)/d(inputs[name]) for name in
+    grad_inputs}; only the output when ``grad_output`` is None."""
     leaves = {
         name: t.detach().requires_grad_(grad_output is not None and name in grad_inputs) for name, t in inputs.items()
     }
     output = fn(**leaves)
     if grad_output is None:
-        return [output.detach()]
+        return {"output": output.detach()}
     grads = torch.autograd.grad(output, [leaves[name] for name in grad_inputs], grad_output.to(output.dtype))
-    return [output.detach(), *grads]
-
-
-def _cast(inputs: Inputs, dtype: torch.dtype) -> Inputs:
-    return {name: t.to(dtype) for name, t in inputs.items()}
+    return {"output": output.detach(), **{f"grad_{name}": g for name, g in zip(grad_inputs, grads, strict=True)}}
 
 
 @dataclass(frozen=True)
 class Check:
-    """The worst of ours' errors over output and gradients, against what is allowed."""
+    """The worst of ours' errors over the tensors compared, against what is allowed."""
 
     max_error: float  # the largest |ours - reference| over all tensors compared
     reference_error: float  # the largest |reference in the measured dtype - float64 reference|; nan if it cannot run
@@ -74,30 +73,36 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check(case: Case, inputs: Inputs, dtype: torch.dtype, with_grads: bool) -> Check:
-    """Compare ours on ``inputs`` (all in ``dtype``) with the reference, output and (with_grads)
-    the gradients of every ``case.grad_inputs`` for a random grad_output."""
+    """Compare ours on ``inputs`` (all in ``dtype``) with the reference: for an op the output and
+    (with_grads) the gradients of every ``case.grad_inputs`` for a random grad_output; for a
+    training step the loss, the parameters' gradients and the parameters after the step."""
+    if case.training_step:
+        results = step_results
+    else:
+        with deterministic_algorithms(case.deterministic):
+            output = case.ours(**inputs)
+        grad_output = torch.randn(output.shape, device=output.device) if with_grads else None
+        results = functools.partial(output_and_grads, grad_inputs=case.grad_inputs, grad_output=grad_output)
     with deterministic_algorithms(case.deterministic):
-        output = case.ours(**inputs)
-    grad_output = torch.randn(output.shape, device=output.device) if with_grads else None
-    with deterministic_algorithms(case.deterministic):
-        ours = output_and_grads(case.ours, inputs, case.grad_inputs, grad_output)
-    exact = output_and_grads(case.reference.fn, _cast(inputs, torch.float64), case.grad_inputs, grad_output)
+        ours = results(case.ours, inputs)
+    exact = results(case.reference.fn, cast(inputs, torch.float64))
     reference_runs = case.reference.dtypes is None or dtype in case.reference.dtypes
-    in_dtype = output_and_grads(case.reference.fn, inputs, case.grad_inputs, grad_output) if reference_runs else None
+    in_dtype = results(case.reference.fn, inputs) if reference_runs else None
 
-    names = ["output", *(f"grad_{name}" for name in case.grad_inputs)] if with_grads else ["output"]
     errors, reference_errors, ratios = [], [], []
-    for index in range(len(names)):
-        error = _max_abs_diff(ours[index], exact[index])
-        reference_error = _max_abs_diff(in_dtype[index], exact[index]) if in_dtype is not None else float("nan")
-        scale = max(1.0, exact[index].abs().max().item() if exact[index].numel() else 0.0)
+    for name, expected in exact.items():
+        error = _max_abs_diff(ours[name], expected)
+        reference_error = _max_abs_diff(in_dtype[name], expected) if in_dtype is not None else float("nan")
+        scale = max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
         allowed = RELATIVE_TOLERANCE[dtype] * scale
         if in_dtype is not None:
             allowed = max(allowed, 2 * reference_error)
         errors.append(error)
         reference_errors.append(reference_error)
         ratios.append(error / allowed)
-    return Check(_nan_max(errors), _nan_max(reference_errors), _nan_max(ratios), ",".join(names))
+    parameters = (len(exact) - 1) // 2
+    names = f"loss, {parameters} gradients, {parameters} parameters after" if case.training_step else ",".join(exact)
+    return Check(_nan_max(errors), _nan_max(reference_errors), _nan_max(ratios), names)
 
 
 def _nan_max(values: list[float]) -> float:

@@ -7,6 +7,10 @@ Usage::
 draws ``<plots>/<gpu>/*.png`` for every ``<results>/<gpu>.csv``; no GPU needed. Importable:
 ``draw_gpu(rows, out_dir)`` and ``draw_all(results_dir, plots_dir)``. Without matplotlib it says
 so and draws nothing.
+
+The training-step rows (pass ``step``) get their own panel in the speedup and memory plots; they
+have no GB/s, so the bandwidth plot leaves them out. In a step row ours runs as its baseline
+does (compiled in the ``compile`` row), so the memory plot names that ours "ours compiled".
 """
 
 import argparse
@@ -16,7 +20,8 @@ from pathlib import Path
 
 from results_csv import Row, read_rows
 
-PASS_ORDER = ("fwd", "bwd", "fwd+bwd")
+PASS_ORDER = ("fwd", "bwd", "fwd+bwd", "step")
+PASS_TITLES = {"step": "step: one training step (forward, loss, backward, SGD); ours compiled in the compile rows"}
 SWEEP_PREFIX = "sweep_"
 
 
@@ -77,7 +82,7 @@ def _per_pass_figure(plt, rows: list[Row], what: str, ylabel: str, fill, out: Pa
             ax.axhline(reference_line, color="black", linewidth=1)
         if log:
             ax.set_yscale("log")
-        ax.set_title(pass_)
+        ax.set_title(PASS_TITLES.get(pass_, pass_))
     figure.suptitle(_title(rows, what))
     figure.tight_layout()
     figure.savefig(out, dpi=110)
@@ -98,13 +103,18 @@ def _bandwidths(rows: list[Row]) -> dict[str, dict[str, float]]:
     return values
 
 
+def _ours_series(row: Row) -> str:
+    """Ours as this row ran it: compiled in a step row against the compiled baseline."""
+    return "ours compiled" if row["pass"] == "step" and row["baseline"] == "compile" else "ours"
+
+
 def _memory(rows: list[Row]) -> dict[str, dict[str, float]]:
     values = defaultdict(dict)
     for r in rows:
         if r["layout"] != "nchw":
             continue
         group = f"{r['case']} {r['dtype']}"
-        values[group]["ours"] = float(r["ours_peak_mib"])
+        values[group][_ours_series(r)] = float(r["ours_peak_mib"])
         if _number(r["baseline_peak_mib"]) is not None:
             values[group][r["baseline"]] = float(r["baseline_peak_mib"])
     return values

@@ -18,6 +18,13 @@ drawn from the whole CSV at the end. torch.compile baselines compile per configu
 dominates the run time: on a device with a time limit per command, split with --op or --quick
 (``perf/gpu_session.sh`` is the script a GPU session runs).
 
+The training-step cases (``stn_mnist_step``, ``dcn_block_step``: pass ``step``) time one whole
+step of a model (forward, loss, backward, SGD step) with ours inside against the same model on
+PyTorch's ops. In their rows ours runs as the baseline does: under ``torch.compile`` in the
+``compile`` row, eager in the others (``eager``; ``cudnn_conv``, the block with a dense 3x3
+conv). Their ``ours_gbps`` and ``pct_of_peak`` stay empty: a step has no fewest-bytes count to
+hold it to.
+
 Without a GPU it sets ``TRITON_INTERPRET=1`` and runs every available case but the scaling
 sweep at its tiny smoke shape through Triton's interpreter as a correctness check (output and
 gradients against the float64 reference), then redraws the plots from the committed CSVs.
@@ -43,10 +50,18 @@ import triton  # noqa: E402
 import plots  # noqa: E402
 import results_csv  # noqa: E402
 import stn_triton  # noqa: E402
-from cases import CASES, Baseline, Case  # noqa: E402
+from cases import CASES, STEP, Baseline, Case, cast  # noqa: E402
 from correctness import check, deterministic_algorithms, needs_grads  # noqa: E402
 from results_csv import Row, fmt  # noqa: E402
-from timing import Measurement, copies_needed, make_copies, measure, pass_step, peak_copy_gbps  # noqa: E402
+from timing import (  # noqa: E402
+    Measurement,
+    copies_needed,
+    make_copies,
+    measure,
+    pass_step,
+    peak_copy_gbps,
+    training_steps,
+)
 
 PERF_DIR = Path(__file__).resolve().parent
 GPU = torch.device("cuda")
@@ -178,9 +193,12 @@ def runnable(baseline: Baseline, dtype: torch.dtype) -> tuple[object, torch.dtyp
     return fn, torch.float32, f"baseline lacks {dtype_name(dtype)}: its float32 time"
 
 
-def time_pass(fn, case: Case, inputs, pass_: str, quick: bool, deterministic=False) -> tuple[Measurement, int]:
-    """Time one pass of ``fn`` on rotated copies of ``inputs``; (measurement, minimal bytes)."""
+def time_pass(fn, case: Case, inputs, pass_: str, quick: bool, deterministic=False) -> tuple[Measurement, int | None]:
+    """Time one pass of ``fn`` on rotated copies of ``inputs``: (measurement, minimal bytes), the
+    bytes None for a training step."""
     with deterministic_algorithms(deterministic):
+        if pass_ == STEP:
+            return measure(training_steps(fn, inputs), quick), None
         output = fn(**inputs)
         moved = case.bytes_moved(inputs, output, case.grad_inputs, pass_)
         grad_output = torch.randn(output.shape, device=output.device).to(output.dtype)
@@ -203,15 +221,15 @@ def result_row(case: Case, dtype, layout, pass_, baseline: str, shared: Row, **c
     }
 
 
-def measured_row(ours: Measurement, moved: int, other: Measurement, peak_gbps: float) -> Row:
-    """The timing columns of a row from ours and a baseline's measurement."""
-    ours_gbps = moved / ours.ms / 1e6
+def measured_row(ours: Measurement, moved: int | None, other: Measurement, peak_gbps: float) -> Row:
+    """The timing columns of a row from ours and a baseline's measurement; no GB/s without ``moved``."""
+    ours_gbps = None if moved is None else moved / ours.ms / 1e6
     return {
         "baseline_ms": fmt(other.ms),
         "ours_ms": fmt(ours.ms),
         "speedup": fmt(other.ms / ours.ms, 3),
         "ours_gbps": fmt(ours_gbps),
-        "pct_of_peak": fmt(100 * ours_gbps / peak_gbps, 3),
+        "pct_of_peak": fmt(None if ours_gbps is None else 100 * ours_gbps / peak_gbps, 3),
         "ours_peak_mib": fmt(ours.peak_mib),
         "baseline_peak_mib": fmt(other.peak_mib),
     }
@@ -233,9 +251,13 @@ def measure_configuration(case: Case, dtype, layout: str, shared: Row, peak_gbps
     baselines = {name: runnable(baseline, dtype) for name, baseline in case.baselines.items()}
     rows = []
     for pass_ in case.passes:
-        ours, moved = time_pass(case.ours, case, inputs, pass_, quick, case.deterministic)
+        ours_timings = {}  # per ours callable: the case's, or the one a baseline is timed against
         for name, (fn, run_dtype, note) in baselines.items():
-            run_inputs = {k: t.to(run_dtype) for k, t in inputs.items()}
+            ours_fn = case.baselines[name].ours or case.ours
+            if ours_fn not in ours_timings:
+                ours_timings[ours_fn] = time_pass(ours_fn, case, inputs, pass_, quick, case.deterministic)
+            ours, moved = ours_timings[ours_fn]
+            run_inputs = cast(inputs, run_dtype)
             try:
                 other, _ = time_pass(fn, case, run_inputs, pass_, quick)
             except Exception as error:  # a broken baseline is recorded, the suite goes on
@@ -248,9 +270,10 @@ def measure_configuration(case: Case, dtype, layout: str, shared: Row, peak_gbps
                 continue
             columns = measured_row(ours, moved, other, peak_gbps)
             rows.append(result_row(case, dtype, layout, pass_, name, shared, note=note, **columns))
+            bandwidth = "" if moved is None else f"  {columns['ours_gbps']} GB/s ({columns['pct_of_peak']}% of peak)"
             say(
                 f"{label} {pass_:8s} ours {ours.ms:8.4f} ms  {name} {other.ms:8.4f} ms  "
-                f"x{columns['speedup']}  {columns['ours_gbps']} GB/s ({columns['pct_of_peak']}% of peak)"
+                f"x{columns['speedup']}{bandwidth}"
             )
     return rows, True
 

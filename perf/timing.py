@@ -4,6 +4,9 @@ Every time is ``triton.testing.do_bench``'s median in milliseconds after its war
 pass's working set fits in L2 several copies of its inputs are made and each call takes the next
 one, so no call finds its inputs in L2 left warm by the previous call (do_bench also zeroes a
 large buffer between calls; rotating keeps timings cold even where that flush falls short).
+A training step is timed as a loop runs it: one model and optimizer stepping again and again on
+the same batch, its parameters and optimizer state updated in place (a batch is a small part of
+what a step reads, so nothing is rotated).
 """
 
 import itertools
@@ -91,6 +94,12 @@ def pass_step(fn: Callable, pass_: str, copies: list[PassInputs], grad_inputs: t
         return grads(output, copy, retain=True)
 
     return backward
+
+
+def training_steps(start: Callable, inputs: Inputs) -> Callable[[], object]:
+    """A no-argument callable running one step of the Trainer ``start(**inputs)`` on the batch."""
+    trainer = start(**inputs)
+    return lambda: trainer(inputs["input"], inputs["target"])
 
 
 def peak_mib(step: Callable[[], object]) -> float:

@@ -1,0 +1,45 @@
+"""The benchmark shapes have one source: stn_triton.shapes.SHAPES, which the perf suite's cases and
+stn_triton.tune's workloads are both built from."""
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stn_triton import tune
+from stn_triton.shapes import SHAPES
+
+PERF = Path(__file__).resolve().parent.parent / "perf"
+
+
+@pytest.fixture(scope="module")
+def perf_cases():
+    """perf/cases.py, imported as the suite imports it (perf/ on the path: it imports perf/training.py)."""
+    sys.path.insert(0, str(PERF))
+    try:
+        spec = importlib.util.spec_from_file_location("perf_cases", PERF / "cases.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(PERF))
+    return module
+
+
+def test_every_perf_case_takes_its_shape_from_the_table(perf_cases):
+    assert [case.case for case in perf_cases.CASES] == list(SHAPES)
+    for case in perf_cases.CASES:
+        shape = SHAPES[case.case]
+        assert case.shape is shape, case.case
+        assert case.op == shape.op, case.case
+        assert case.smoke_shape.op == shape.op, case.case
+
+
+def test_tune_workloads_cover_every_case_but_the_sweep():
+    """A deterministic twin is covered by its base's workload, which tune also runs deterministically."""
+    tuned = {SHAPES[name] for name, _ in tune._workloads(torch.float32, "nchw")}
+    for case_id, shape in SHAPES.items():
+        if shape.sweep is None:
+            assert dataclasses.replace(shape, deterministic=False) in tuned, case_id
