@@ -38,54 +38,112 @@ import triton  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CSV = ROOT / "results" / "static" / "sm90.csv"  # not beside the GPU CSVs, which the plots read
 COLUMNS = ["kernel", "variant", "config", "num_warps", "num_stages", "registers", "spill_stores", "spill_loads",
-           "shared_bytes", "programs_per_sm", "warp_occupancy", "triton", "ptxas", "note"]
+           "shared_bytes", "programs_per_sm", "warp_occupancy", "global_access", "triton", "ptxas", "note"]
 
 SM90 = dict(registers=65536, warps=64, shared=228 * 1024, programs=32, register_unit=256)
 
-# The variants the perf suite launches, per kernel: (label, pointer dtypes, constexprs).
-# Pointers not named are float32; ints are i32; BLOCK_* of the config are added per config.
-_SAMPLE = dict(TRANSFORM=0, MODE=0, PADDING=0, FILL=False, ALIGN_CORNERS=False, NDIM=2, TAPS=4, F64=False,
-               INDEX_64=False)
-_DCN = dict(HAS_MASK=True, F64=False, LOW_PRECISION=False, INPUT_PRECISION="ieee", INDEX_64=False)
-_HALF_DCN = dict(_DCN, LOW_PRECISION=True)
+# The variants the perf suite launches, per kernel: (label, pointer dtypes, constexprs, ints).
+# Pointers not named are float32 and taken 16-byte aligned (torch's allocations are); BLOCK_* of
+# the config are added per config. ``ints`` are the integer arguments of a real launch at the
+# suite's shape: each is specialized as Triton specializes it at that launch (1 becomes a
+# constant, a multiple of 16 is marked so, unless the kernel lists it in do_not_specialize). The
+# strides equal to 1 decide which way a warp's threads run and whether accesses vectorize.
+
+
+def _image_strides(prefix: str, n: int, c: int, spatial: tuple, layout: str) -> dict:
+    """(n, c, d, h, w) strides of a dense [N, C, D, H, W] tensor (D = 1 for 4-D) in ``layout``."""
+    d, h, w = spatial if len(spatial) == 3 else (1, *spatial)
+    if layout == "nhwc":
+        strides = (d * h * w * c, 1, h * w * c if len(spatial) == 3 else 0, w * c, c)
+    else:
+        strides = (c * d * h * w, d * h * w, h * w if len(spatial) == 3 else 0, w, 1)
+    return dict(zip((f"{prefix}_n", f"{prefix}_c", f"{prefix}_d", f"{prefix}_h", f"{prefix}_w"), strides))
+
+
+def _sample_ints(n: int, c: int, size: tuple, layout: str, transform: int, k: int = 0) -> dict:
+    """The sampling kernel's integer arguments for input and output [N, C, *size] in ``layout``."""
+    nd = len(size)
+    d, h, w = size if nd == 3 else (1, *size)
+    q = d * h * w
+    if transform == 0:  # a contiguous grid [N, *size, nd]
+        coords = dict(s0=q * nd, s1=h * w * nd if nd == 3 else 0, s2=w * nd, s3=nd, s4=1)
+    else:  # parameters [N, rows, cols]
+        rows, cols = (k + 3, 2) if transform == 3 else (3, 3) if transform == 2 else (nd, nd + 1)
+        coords = dict(s0=rows * cols, s1=cols, s2=1, s3=0, s4=0)
+    image = _image_strides("si", n, c, size, layout)
+    return dict(Q=q, C=c, D=d, H=h, W=w, OD=d, OH=h, OW=w, K=k, PARTIALS=q // 16, SPLITS=1, **coords, **image,
+                so_n=image["si_n"], so_c=image["si_c"], so_q=image["si_w"], **_image_strides("sgo", n, c, size, layout),
+                **_image_strides("sgi", n, c, size, layout), sgc_split=n * q * nd)
+
+
+def _dcn_ints(n: int, c: int, side: int, channels_fastest: bool, k: int = 9) -> dict:
+    """The deform_conv kernels' integer arguments at a 3x3, stride 1, padding 1, C -> C convolution."""
+    p = side * side
+    x = _image_strides("sx", n, c, (side, side), "nhwc" if channels_fastest else "nchw")
+    return dict(P=p, C=c, H=side, W=side, WO=side, KW=3, K=k, G=1, COUT=c, CG=c, COG=c, CPG=c, E=n * p * k * 4,
+                P_PAD=-(-p // 128) * 128, ROWS=n * -(-p // 128) * 128, ROWS_PER_SPLIT=4096,
+                stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1,
+                **{key: value for key, value in x.items() if key != "sx_d"},
+                so_n=2 * k * p, so_c=p, so_p=1, sm_n=k * p, sm_c=p, sm_p=1, sw_o=c * k, sw_i=1, sw_h=3 * c, sw_w=c,
+                sy_n=c * p, sy_c=p, sy_p=1, sgy_n=c * p, sgy_c=p, sgy_p=1,
+                **{f"sgx{key[2:]}": value for key, value in x.items() if key != "sx_d"})
+
+
+_SAMPLE = dict(PASS=0, TRANSFORM=0, MODE=0, PADDING=0, FILL=False, ALIGN_CORNERS=False, NDIM=2, TAPS=4, F64=False,
+               INDEX_64=False, INPUT_GRAD=False, COORD_GRAD=False, EVEN_C=True)
+_SAMPLE_BWD = dict(_SAMPLE, PASS=1, INPUT_GRAD=True, COORD_GRAD=True)
+_BF16_SAMPLE = dict(inp_ptr="bf16", coords_ptr="bf16", out_ptr="bf16", gout_ptr="bf16")
+_C64 = {layout: _sample_ints(32, 64, (128, 128), layout, 0) for layout in ("nchw", "nhwc")}
+_AFFINE_C64 = {layout: _sample_ints(32, 64, (128, 128), layout, 1) for layout in ("nchw", "nhwc")}
+_DCN = dict(HAS_MASK=True, F64=False, LOW_PRECISION=False, INPUT_PRECISION="tf32x3", INDEX_64=False,
+            CHANNELS_FASTEST=True)
+_HALF_DCN = dict(_DCN, LOW_PRECISION=True, INPUT_PRECISION="ieee")
 _DCN_DATA = dict(INPUT_GRAD=True, COLUMNS=False, OFFSET_GRAD=True, MASK_GRAD=True)
+_R50 = _dcn_ints(8, 256, 56, True)
+_R50_NCHW = _dcn_ints(8, 256, 56, False)
+_HALF_POINTERS = ("x_ptr", "off_ptr", "mask_ptr", "w_ptr", "b_ptr", "out_ptr", "gy_ptr", "goff_ptr", "gmask_ptr")
 VARIANTS = {
     "sample_fwd": [
-        ("affine2d-c3-fp32", {}, dict(_SAMPLE, TRANSFORM=1, BLOCK_C=4)),
-        ("grid2d-c64-bf16", dict(inp_ptr="bf16", coords_ptr="bf16", out_ptr="bf16"),
-         dict(_SAMPLE, BLOCK_C=32)),
-        ("grid2d-c3-bicubic-fp32", {}, dict(_SAMPLE, MODE=2, TAPS=16, BLOCK_C=4)),
-        ("affine3d-c4-fp32", {}, dict(_SAMPLE, TRANSFORM=1, NDIM=3, TAPS=8, BLOCK_C=4)),
+        ("affine2d-c3-fp32-nchw", {}, dict(_SAMPLE, TRANSFORM=1, EVEN_C=False), _sample_ints(64, 3, (224, 224), "nchw", 1)),
+        ("grid2d-c64-fp32-nchw", {}, _SAMPLE, _C64["nchw"]),
+        ("grid2d-c64-bf16-nchw", _BF16_SAMPLE, _SAMPLE, _C64["nchw"]),
+        ("grid2d-c64-fp32-nhwc", {}, _SAMPLE, _C64["nhwc"]),
+        ("grid2d-c3-bicubic-fp32-nchw", {}, dict(_SAMPLE, MODE=2, TAPS=16, EVEN_C=False),
+         _sample_ints(64, 3, (224, 224), "nchw", 0)),
+        ("affine3d-c4-fp32-nchw", {}, dict(_SAMPLE, TRANSFORM=1, NDIM=3, TAPS=8), _sample_ints(4, 4, (64, 64, 64), "nchw", 1)),
+        ("tps-c3-fp32-nchw", {}, dict(_SAMPLE, TRANSFORM=3, EVEN_C=False), _sample_ints(256, 3, (32, 100), "nchw", 3, 20)),
     ],
     "sample_bwd": [
-        ("affine2d-c64-fp32", {}, dict(_SAMPLE, TRANSFORM=1, BLOCK_C=32, INPUT_GRAD=True,
-                                                      COORD_GRAD=True)),
-        ("grid2d-c64-bf16", dict(gout_ptr="bf16", inp_ptr="bf16", coords_ptr="bf16",
-                                                gcoords_ptr="bf16"),
-         dict(_SAMPLE, BLOCK_C=32, INPUT_GRAD=True, COORD_GRAD=True)),
+        ("affine2d-c64-fp32-nchw", {}, dict(_SAMPLE_BWD, TRANSFORM=1), _AFFINE_C64["nchw"]),
+        ("affine2d-c64-fp32-nhwc", {}, dict(_SAMPLE_BWD, TRANSFORM=1), _AFFINE_C64["nhwc"]),
+        ("grid2d-c64-bf16-nchw", dict(_BF16_SAMPLE, ginp_ptr="fp32"), _SAMPLE_BWD, _C64["nchw"]),
+        ("affine3d-c4-fp32-nchw", {}, dict(_SAMPLE_BWD, TRANSFORM=1, NDIM=3, TAPS=8),
+         _sample_ints(4, 4, (64, 64, 64), "nchw", 1)),
     ],
-    "sample_taps": [("affine2d-fp32", dict(key_ptr="i64"), dict(_SAMPLE, TRANSFORM=1))],
-    "sample_bwd_sorted": [("c64-fp32", dict(sorted_key_ptr="i64", order_ptr="i64", run_end_ptr="i64"),
-                           dict(TAPS=4, F64=False, BLOCK_C=32))],
-    "affine_grid": [("2d-fp32", {}, dict(ALIGN_CORNERS=False, NDIM=2, F64=False))],
-    "affine_grid_bwd": [("2d-fp32", {}, dict(ALIGN_CORNERS=False, NDIM=2, F64=False))],
+    "sample_taps": [("affine2d-fp32", dict(key_ptr="i64"), dict(_SAMPLE, PASS=2, TRANSFORM=1), _AFFINE_C64["nchw"])],
+    "sample_bwd_sorted": [
+        ("c64-fp32-nchw", dict(sorted_key_ptr="i64", order_ptr="i64", run_end_ptr="i64"),
+         dict(TAPS=4, F64=False, EVEN_C=True), dict(_C64["nchw"], E=32 * 128 * 128 * 4)),
+    ],
+    "affine_grid": [("2d-fp32", {}, dict(ALIGN_CORNERS=False, NDIM=2, F64=False), {})],
+    "affine_grid_bwd": [("2d-fp32", {}, dict(ALIGN_CORNERS=False, NDIM=2, F64=False), {})],
     "deform_conv_fwd": [
-        ("fp32", {}, dict(_DCN, HAS_BIAS=True, ROW_GROUP=True)),
-        ("fp16", dict.fromkeys(("x_ptr", "off_ptr", "mask_ptr", "w_ptr", "b_ptr", "out_ptr"), "fp16"),
-         dict(_HALF_DCN, HAS_BIAS=True, ROW_GROUP=True)),
+        ("r50-tf32x3", {}, dict(_DCN, HAS_BIAS=True), _R50),
+        ("r50-tf32", {}, dict(_DCN, HAS_BIAS=True, INPUT_PRECISION="tf32"), _R50),
+        ("r50-fp16", dict.fromkeys(_HALF_POINTERS, "fp16"), dict(_HALF_DCN, HAS_BIAS=True), _R50),
+        ("r50-tf32x3-nchw-gather", {}, dict(_DCN, HAS_BIAS=True, CHANNELS_FASTEST=False), _R50_NCHW),
     ],
     "deform_conv_bwd_data": [
-        ("fp32", {}, dict(_DCN, **_DCN_DATA)),
-        ("bf16", dict.fromkeys(("gy_ptr", "x_ptr", "off_ptr", "mask_ptr", "w_ptr", "goff_ptr",
-                                               "gmask_ptr"), "bf16"), dict(_HALF_DCN, **_DCN_DATA)),
+        ("r50-tf32x3", {}, dict(_DCN, **_DCN_DATA), _R50),
+        ("r50-bf16", dict(dict.fromkeys(_HALF_POINTERS, "bf16"), gx_ptr="fp32"), dict(_HALF_DCN, **_DCN_DATA), _R50),
     ],
     "deform_conv_bwd_weight": [
-        ("fp32", {}, dict(_DCN, ROW_GROUP=True)),
-        ("bf16", dict.fromkeys(("gy_ptr", "x_ptr", "off_ptr", "mask_ptr"), "bf16"), dict(_HALF_DCN, ROW_GROUP=True)),
+        ("r50-tf32x3", {}, _DCN, _R50),
+        ("r50-bf16", dict.fromkeys(_HALF_POINTERS, "bf16"), _HALF_DCN, _R50),
     ],
-    "deform_conv_taps": [("fp32", dict(key_ptr="i64"), dict(F64=False))],
-    "deform_conv_bwd_sorted": [("fp32", dict(sorted_key_ptr="i64", order_ptr="i64",
-                                                            run_end_ptr="i64"), dict(F64=False, BLOCK_C=32))],
+    "deform_conv_taps": [("r50-fp32", dict(key_ptr="i64"), dict(F64=False), _R50)],
+    "deform_conv_bwd_sorted": [("r50-fp32", dict(sorted_key_ptr="i64", order_ptr="i64", run_end_ptr="i64"),
+                                dict(F64=False, BLOCK_C=32), _R50)],
 }
 
 _PTXAS_USAGE = re.compile(r"Used (\d+) registers")
@@ -99,6 +157,20 @@ def parse_ptxas(log: str) -> dict:
     if registers is None or spills is None:
         raise ValueError(f"no resource usage in ptxas output: {log[-500:]!r}")
     return dict(registers=int(registers.group(1)), spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)))
+
+
+_GLOBAL_ACCESS = re.compile(r"\b((?:ld|st|red|atom)\.global[.\w]*)")
+_ASYNC_COPY = re.compile(r"\bcp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+|\d+)")
+
+
+def global_access(ptx: str) -> str:
+    """The kernel's global memory instructions by kind and width, e.g. ``ld.global.v4.b32 x16``:
+    how wide its loads and stores are (``cp.async.16B`` for asynchronous copies of 16 bytes into
+    shared memory), and whether its atomics are fenced (atom) or not (red)."""
+    counts: dict[str, int] = {}
+    for instruction in _GLOBAL_ACCESS.findall(ptx) + [f"cp.async.{int(n, 0)}B" for n in _ASYNC_COPY.findall(ptx)]:
+        counts[instruction] = counts.get(instruction, 0) + 1
+    return " ".join(f"{name} x{count}" for name, count in sorted(counts.items()))
 
 
 def occupancy(registers: int, shared: int, num_warps: int) -> tuple[int, float]:
@@ -129,18 +201,30 @@ def measure(kernel_name: str, variant: tuple, config: triton.Config) -> dict:
     import stn_triton  # noqa: F401  (creates the tuned kernels)
     from stn_triton.tuning import REGISTRY
 
-    label, pointers, constexprs = variant
+    label, pointers, constexprs, ints = variant
     kernel = next(tuned.kernel for tuned in REGISTRY if tuned.name == kernel_name)
     constexprs = {name: value for name, value in {**constexprs, **config.kwargs}.items() if name in kernel.arg_names}
-    signature = {
-        arg: "constexpr" if arg in constexprs else "*" + pointers.get(arg, "fp32") if arg.endswith("_ptr") else "i32"
-        for arg in kernel.arg_names
-    }
+    signature, attrs = {}, {}
+    for index, param in enumerate(kernel.params):
+        name = param.name
+        value = ints.get(name)
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + pointers.get(name, "fp32")
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif value == 1 and not param.do_not_specialize:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32"
+            if value is not None and value % 16 == 0 and not param.do_not_specialize:
+                attrs[(index,)] = [["tt.divisibility", 16]]
     row = dict(_identity(kernel_name, label, config), note="")
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):  # Triton prints its own ptxas log (TRITON_DUMP_PTXAS_LOG)
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", 90, 32), options=options)
     if "registers" not in log.getvalue():  # a triton without that log: run ptxas on its PTX
         with tempfile.TemporaryDirectory() as folder:
@@ -150,6 +234,7 @@ def measure(kernel_name: str, variant: tuple, config: triton.Config) -> dict:
                                      str(ptx.with_suffix(".o"))], capture_output=True, text=True, check=True)
         log.write(result.stderr + result.stdout)
     row.update(parse_ptxas(log.getvalue()))
+    row["global_access"] = global_access(compiled.asm["ptx"])
     row["shared_bytes"] = compiled.metadata.shared
     programs, busy = occupancy(row["registers"], row["shared_bytes"], config.num_warps)
     row.update(programs_per_sm=programs, warp_occupancy=f"{busy:.3f}")
@@ -169,7 +254,7 @@ def _jobs(kernels: list[str]) -> list[tuple]:
     if unknown:
         raise SystemExit(f"unknown kernels {sorted(unknown)}; known: {sorted(tuned)}")
     return [(name, variant, config) for name in kernels for variant in VARIANTS[name]
-            for config in tuned[name].autotuned.configs]
+            for config in tuned[name].configs]
 
 
 def _measure_job(job: tuple) -> dict:
@@ -209,6 +294,9 @@ def main(argv=None) -> int:
             print(f"[{done}/{len(jobs)}] {row['kernel']} {row['variant']} {row['config']} w{row['num_warps']}"
                   f" s{row['num_stages']}: {row.get('registers', '-')} regs, {row.get('spill_stores', '-')} B spilled,"
                   f" {row.get('shared_bytes', '-')} B shared {row['note']}", flush=True)
+    if args.kernel and args.csv.is_file():  # a partial run replaces its kernels' rows and keeps the others
+        with args.csv.open(newline="") as f:
+            rows = [row for row in csv.DictReader(f) if row["kernel"] not in args.kernel] + rows
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with args.csv.open("w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
