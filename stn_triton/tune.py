@@ -11,12 +11,10 @@ too); the winners, keyed as the ops look them up (``stn_triton.tuning``), go to
 """
 
 import argparse
-import json
 import math
 import sys
 
 import torch
-import triton
 
 import stn_triton
 from stn_triton import tuning

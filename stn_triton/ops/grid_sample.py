@@ -67,10 +67,11 @@ def sample_heuristic(channels: int, nhwc: bool, taps: int, backward: bool) -> tr
     """The config for a shape no tuned table holds: spill-free on sm_90 in the static compile
     (triton 3.9's ptxas), with many loads in flight per thread.
 
-    NCHW: the forward at 512 pixels x 4 channels per step on 4 warps (bilinear 2-D 122 registers,
-    trilinear 142); the backward, which holds three more tiles and scatters, and bicubic's 16 taps
-    at 128 pixels (116 and 128 registers). channels_last: a warp along up to 64 contiguous
-    channels, 2048 tile elements per step (1024 in the backward, 512 for bicubic).
+    NCHW: the forward at 512 pixels x 4 channels per step on 4 warps (bilinear 2-D 141-191
+    registers by dtype and transform, trilinear 142); the backward, which holds three more tiles
+    and scatters, and bicubic's 16 taps at 128 pixels (92-168 and 128 registers). channels_last: a
+    warp along up to 64 contiguous channels, 2048 tile elements per step (1024 in the backward,
+    512 for bicubic). perf/results/static/sm90.csv has every config.
     """
     if nhwc and channels >= 16:
         block_c = min(next_power_of_2(channels), 64)
