@@ -21,6 +21,44 @@ import torch.nn.functional as F  # noqa: E402
 DEVICE = "cuda" if ON_GPU else "cpu"
 INTERPRETING = not ON_GPU and os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def _memoize_interpreter_scan() -> None:
+    """Make Triton's interpreter scan triton.language for its builtins once, not per call.
+
+    On every call of a @triton.jit helper the interpreter lists the members of triton.language
+    (``inspect.getmembers``) to find the builtins to patch: a third of the CPU tests' time in the
+    kernels that call helpers in loops. The builtins never change, so the list is kept; what is
+    patched, and when, stays as Triton does it (only members that are still the original builtin,
+    so an already patched one is left alone, as Triton's own scan leaves it). Applied only to the
+    interpreter whose internals it was written against (triton 3.9's ``_patch_builtin(pkg,
+    builder, scope)``); any other version keeps its own scan.
+    """
+    import inspect
+
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    patch_builtin = getattr(interpreter, "_patch_builtin", None)
+    if patch_builtin is None or not hasattr(interpreter, "_patch_attr"):
+        return
+    if list(inspect.signature(patch_builtin).parameters) != ["pkg", "builder", "scope"]:
+        return
+    builtins: dict = {}
+
+    def _patch_builtin(pkg, builder, scope):
+        members = builtins.get(pkg)
+        if members is None:
+            members = builtins[pkg] = [(n, m) for n, m in inspect.getmembers(pkg) if tl.core.is_builtin(m)]
+        for name, member in members:
+            if getattr(pkg, name, None) is member:
+                interpreter._patch_attr(pkg, name, member, builder, scope)
+
+    interpreter._patch_builtin = _patch_builtin
+
+
+if INTERPRETING:
+    _memoize_interpreter_scan()
+
 MODES_2D = ("bilinear", "nearest", "bicubic")
 MODES_3D = ("bilinear", "nearest")
 PADDING_MODES = ("zeros", "border", "reflection")
