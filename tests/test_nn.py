@@ -165,7 +165,9 @@ def test_learns_to_produce_a_known_affine():
         (dict(localization=nn.Linear(3, 3)), ValueError, r"localization failed on an input of shape \[1, 1, 8, 8\]"),
         (dict(localization=nn.Flatten(0)), ValueError, r"features \[N, F\]"),
     ],
-    ids=lambda v: "-".join(f"{k}={v[k]!r}" for k in v) if isinstance(v, dict) else "",
+    ids=lambda v: "-".join(f"{k}={type(v[k]).__name__ if callable(v[k]) else repr(v[k])}" for k in v)
+    if isinstance(v, dict)
+    else "",
 )
 def test_bad_arguments_name_what_they_got(kwargs, error, match):
     arguments = dict(in_channels=1, input_size=(8, 8)) | kwargs
