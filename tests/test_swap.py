@@ -317,18 +317,6 @@ GRID_SAMPLE_UNSUPPORTED = [
 ]
 
 
-@pytest.mark.parametrize("make_arguments, setting", GRID_SAMPLE_UNSUPPORTED)
-def test_unsupported_grid_sample_arguments_reach_the_original(originals, ours, make_arguments, setting):
-    expected = outcome(F.grid_sample, make_arguments, setting)
-    originals.grid_sample.clear()
-
-    with swap.swapped():
-        actual = outcome(F.grid_sample, make_arguments, setting)
-
-    assert len(originals.grid_sample) == 1 and not ours.grid_sample
-    assert_same_outcome(actual, expected)
-
-
 AFFINE_GRID_UNSUPPORTED = [
     unsupported("align-corners-default-warns", lambda: arguments(affine_theta(), [2, 3, 4, 5])),
     unsupported("align-corners-int", lambda: arguments(affine_theta(), [2, 3, 4, 5], align_corners=0)),
@@ -351,15 +339,19 @@ AFFINE_GRID_UNSUPPORTED = [
 ]
 
 
-@pytest.mark.parametrize("make_arguments, setting", AFFINE_GRID_UNSUPPORTED)
-def test_unsupported_affine_grid_arguments_reach_the_original(originals, ours, make_arguments, setting):
-    expected = outcome(F.affine_grid, make_arguments, setting)
-    originals.affine_grid.clear()
+@pytest.mark.parametrize(
+    "name, make_arguments, setting",
+    [pytest.param("grid_sample", *case.values, id=f"grid_sample-{case.id}") for case in GRID_SAMPLE_UNSUPPORTED]
+    + [pytest.param("affine_grid", *case.values, id=f"affine_grid-{case.id}") for case in AFFINE_GRID_UNSUPPORTED],
+)
+def test_unsupported_arguments_reach_the_original(originals, ours, name, make_arguments, setting):
+    expected = outcome(getattr(F, name), make_arguments, setting)
+    getattr(originals, name).clear()
 
     with swap.swapped():
-        actual = outcome(F.affine_grid, make_arguments, setting)
+        actual = outcome(getattr(F, name), make_arguments, setting)
 
-    assert len(originals.affine_grid) == 1 and not ours.affine_grid
+    assert len(getattr(originals, name)) == 1 and not getattr(ours, name)
     assert_same_outcome(actual, expected)
 
 
