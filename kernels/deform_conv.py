@@ -16,8 +16,9 @@ The gather's orientation follows the memory. One (pixel, tap, corner) read touch
 channels. In channels-last memory (CHANNELS_FASTEST) they are one contiguous run: the tile is
 loaded as [BLOCK_M, BLOCK_K] and the compiler puts a warp's threads along the channels, with
 vector loads. In NCHW memory the channels lie H * W apart while neighbouring output pixels read
-neighbouring input pixels: the tile is loaded as [BLOCK_K, BLOCK_M] (threads along the pixels)
-and transposed in registers.
+neighbouring input pixels, and no dimension is provably contiguous: the tile is addressed with the
+pixels in the dimension Triton's tie-break gives the threads (sampling.py, ``TIES_GO_FIRST``), as
+[BLOCK_K, BLOCK_M] transposed in registers from Triton 3.7, as [BLOCK_M, BLOCK_K] before.
 
 torch.compile's mutation analysis counts a pointer passed to a helper as written when the
 helper's result addresses a store, so every load whose value addresses a store or atomic (the
@@ -27,7 +28,16 @@ offsets) is in a kernel body; helpers take no pointers but the ones they load fr
 import triton
 import triton.language as tl
 
-from stn_triton.kernels.sampling import BILINEAR, ZEROS, as_index, keep_indexable, run_starts, tap, to_compute
+from stn_triton.kernels.sampling import (
+    BILINEAR,
+    TIES_GO_FIRST,
+    ZEROS,
+    as_index,
+    keep_indexable,
+    run_starts,
+    tap,
+    to_compute,
+)
 
 # Sizes that change from layer to layer and never matter to the compiled code. P, CG, COG and CPG
 # are left to Triton's specialization: their divisibility by 16 is what lets it prove that channel
@@ -66,7 +76,7 @@ def tap_position(oy, ox, k, KW, dy, dx, stride_h, stride_w, pad_h, pad_w, dil_h,
 @triton.jit
 def gather(rows, columns, row_mask, column_mask, CHANNELS_FASTEST: tl.constexpr):
     """``[BLOCK_M, BLOCK_K]`` values at ``rows[m] + columns[c]`` (pointers [BLOCK_M], offsets [BLOCK_K]), 0 where masked."""
-    if CHANNELS_FASTEST:
+    if CHANNELS_FASTEST or TIES_GO_FIRST:
         return tl.load(rows[:, None] + columns[None, :], mask=row_mask[:, None] & column_mask[None, :], other=0.0)
     else:
         tile = tl.load(rows[None, :] + columns[:, None], mask=row_mask[None, :] & column_mask[:, None], other=0.0)
@@ -76,7 +86,7 @@ def gather(rows, columns, row_mask, column_mask, CHANNELS_FASTEST: tl.constexpr)
 @triton.jit
 def scatter_add(rows, columns, values, row_mask, column_mask, CHANNELS_FASTEST: tl.constexpr):
     """Atomically add ``values`` [BLOCK_M, BLOCK_K] at ``rows[m] + columns[c]``, oriented as ``gather``."""
-    if CHANNELS_FASTEST:
+    if CHANNELS_FASTEST or TIES_GO_FIRST:
         tl.atomic_add(rows[:, None] + columns[None, :], values, mask=row_mask[:, None] & column_mask[None, :],
                       sem="relaxed")
     else:

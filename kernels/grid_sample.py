@@ -8,8 +8,9 @@ grid. A 4-D call runs as a 5-D one with a depth of 1 (NDIM = 2 keeps the z arith
 A program owns BLOCK_P output pixels of one image (so that it can reduce the gradient of that
 image's transform) and one range of channels, which it walks BLOCK_C at a time; the sample
 points and tap weights are computed once and reused for every channel. Tiles are
-``[BLOCK_C, BLOCK_P]``, pixels last: with nothing known about the addresses Triton lets a warp's
-threads run along the last dimension, so on an NCHW tensor a load or store instruction covers
+``[BLOCK_C, BLOCK_P]``. Gathers and scatters (sampling.py: ``gather``, ``scatter``,
+``scatter_add``) address their tile with the pixels in the dimension Triton gives a warp's threads
+when it knows no address contiguous, so on an NCHW tensor a load or atomic instruction covers
 neighbouring pixels of one channel plane (a smooth warp reads neighbouring input pixels there).
 On a channels_last tensor the channel stride is 1, Triton specializes it, sees the channels
 contiguous and runs the threads along them instead, with vector loads. The output, which this
@@ -24,7 +25,17 @@ import triton
 import triton.language as tl
 
 from stn_triton.kernels import codes
-from stn_triton.kernels.sampling import as_index, run_starts, sample_point, tap, to_compute, unravel_pixel
+from stn_triton.kernels.sampling import (
+    as_index,
+    gather,
+    run_starts,
+    sample_point,
+    scatter,
+    scatter_add,
+    tap,
+    to_compute,
+    unravel_pixel,
+)
 from stn_triton.kernels.transforms import (
     AFFINE,
     GRID,
@@ -186,7 +197,7 @@ def _sample_kernel(
                     xi, yi, zi, inside, weight, _, _, _ = tap(t, x, y, z, W, H, D, MODE, PADDING, ALIGN_CORNERS, NDIM)
                     pixel = as_index(zi, INDEX_64) * si_d + as_index(yi, INDEX_64) * si_h + as_index(xi, INDEX_64) * si_w
                     mask = c_mask[:, None] & (inside & p_mask)[None, :]
-                    value = tl.load(inp_image + (c * si_c)[:, None] + pixel[None, :], mask=mask, other=0.0)
+                    value = gather(inp_image + c * si_c, pixel, mask)
                     acc += to_compute(value, F64) * weight[None, :]
                     if FILL:
                         inside_weight += tl.where(inside, weight, 0.0)
@@ -207,8 +218,7 @@ def _sample_kernel(
                 c = as_index(c0 + tl.arange(0, BLOCK_C), INDEX_64)
                 c_mask = (c < c_end) | EVEN_C
                 tile_mask = c_mask[:, None] & p_mask[None, :]
-                gout = tl.load(gout_pixels[None, :] + (c * sgo_c)[:, None], mask=tile_mask, other=0.0)
-                gout = to_compute(gout, F64)
+                gout = to_compute(gather(c * sgo_c, gout_pixels, tile_mask), F64)
                 if FILL:
                     fill = to_compute(tl.load(fill_ptr + c, mask=c_mask, other=0.0), F64)
                 for t in tl.static_range(TAPS):
@@ -218,15 +228,10 @@ def _sample_kernel(
                     yi = as_index(yi, INDEX_64)
                     xi = as_index(xi, INDEX_64)
                     if INPUT_GRAD:
-                        ginp = ginp_image + (zi * sgi_d + yi * sgi_h + xi * sgi_w)[None, :] + (c * sgi_c)[:, None]
-                        # Relaxed: nothing reads grad_input before the kernel ends, so no ordering is needed,
-                        # and the add compiles to a fire-and-forget red.global instead of a fenced atom.
-                        tl.atomic_add(ginp, (gout * weight[None, :]).to(ginp_ptr.dtype.element_ty), mask=mask,
-                                      sem="relaxed")
+                        scatter_add(c * sgi_c, ginp_image + (zi * sgi_d + yi * sgi_h + xi * sgi_w),
+                                    (gout * weight[None, :]).to(ginp_ptr.dtype.element_ty), mask)
                     if COORD_GRAD:
-                        value = tl.load(inp_image + (zi * si_d + yi * si_h + xi * si_w)[None, :] + (c * si_c)[:, None],
-                                        mask=mask, other=0.0)
-                        value = to_compute(value, F64)
+                        value = to_compute(gather(c * si_c, inp_image + (zi * si_d + yi * si_h + xi * si_w), mask), F64)
                         if FILL:
                             # The fill term (1 - sum of inside weights) * fill moves against the inside taps.
                             value = tl.where(mask, value - fill[:, None], 0.0)
@@ -279,9 +284,8 @@ def _sample_bwd_sorted_kernel(
         weight = to_compute(tl.load(weight_ptr + entry, mask=entry_mask, other=0.0), F64)
         n, od, oh, ow = unravel_pixel(entry // TAPS, OD, OH, OW)
         gout_pix = gout_ptr + n * sgo_n + od * sgo_d + oh * sgo_h + ow * sgo_w
-        gout = tl.load(gout_pix[None, :] + (c * sgo_c)[:, None], mask=c_mask[:, None] & entry_mask[None, :], other=0.0)
+        gout = gather(c * sgo_c, gout_pix, c_mask[:, None] & entry_mask[None, :])
         acc += to_compute(gout, F64) * weight[None, :]
     n, zi, yi, xi = unravel_pixel(tl.where(first, key, 0), D, H, W)
     ginp_pix = ginp_ptr + n * sgi_n + zi * sgi_d + yi * sgi_h + xi * sgi_w
-    tl.store(ginp_pix[None, :] + (c * sgi_c)[:, None], acc.to(ginp_ptr.dtype.element_ty),
-             mask=c_mask[:, None] & first[None, :])
+    scatter(c * sgi_c, ginp_pix, acc.to(ginp_ptr.dtype.element_ty), c_mask[:, None] & first[None, :])

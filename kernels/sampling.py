@@ -28,6 +28,14 @@ OUTSIDE = tl.constexpr(-100.0)
 # The cubic convolution constant of PyTorch (and of Keys' kernel as used by OpenCV).
 CUBIC_A = tl.constexpr(-0.75)
 
+# Which way Triton runs a warp over a gather: a 2-D access whose addresses it can prove contiguous
+# along no dimension. Its coalescing pass then breaks the tie by dimension: the first up to 3.6,
+# the last from 3.7 (compiled for sm_90 with 3.6, 3.7, 3.8 and 3.9: perf/resources.py's
+# warp_layout column). A gather from NCHW memory wants its warps along the pixels (neighbouring
+# output pixels read neighbouring input pixels), so the helpers below address the tile with the
+# pixels in whichever dimension wins the tie, and hand back [channels, pixels] either way.
+TIES_GO_FIRST = tl.constexpr(tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7))
+
 
 @triton.jit
 def to_compute(x, F64: tl.constexpr):
@@ -276,3 +284,36 @@ def run_starts(e, key, previous):
     store, so loads that feed store addresses stay in the kernel body.
     """
     return (key >= 0) & ((key != previous) | (e == 0))
+
+
+@triton.jit
+def gather(channels, pixels, mask):
+    """Load ``[C, P]`` values at ``channels[:, None] + pixels[None, :]``, 0 where ``mask`` [C, P] is
+    False, with a warp along the pixels when no address is known contiguous. One of ``channels`` [C]
+    and ``pixels`` [P] holds pointers, the other offsets: which one is the caller's choice, and it
+    changes the compiled code (the backward keeps fewer registers live with per-pixel pointers)."""
+    if TIES_GO_FIRST:
+        return tl.trans(tl.load(pixels[:, None] + channels[None, :], mask=tl.trans(mask), other=0.0))
+    else:
+        return tl.load(channels[:, None] + pixels[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def scatter(channels, pixels, values, mask):
+    """Store ``values`` [C, P] at ``channels[:, None] + pixels[None, :]``, oriented as ``gather``."""
+    if TIES_GO_FIRST:
+        tl.store(pixels[:, None] + channels[None, :], tl.trans(values), mask=tl.trans(mask))
+    else:
+        tl.store(channels[:, None] + pixels[None, :], values, mask=mask)
+
+
+@triton.jit
+def scatter_add(channels, pixels, values, mask):
+    """Add ``values`` [C, P] at ``channels[:, None] + pixels[None, :]``, oriented as ``gather``.
+
+    Relaxed: nothing reads the target before the kernel ends, so no ordering is needed, and the add
+    compiles to a fire-and-forget red.global instead of a fenced atom."""
+    if TIES_GO_FIRST:
+        tl.atomic_add(pixels[:, None] + channels[None, :], tl.trans(values), mask=tl.trans(mask), sem="relaxed")
+    else:
+        tl.atomic_add(channels[:, None] + pixels[None, :], values, mask=mask, sem="relaxed")

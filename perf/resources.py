@@ -38,7 +38,8 @@ import triton  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CSV = ROOT / "results" / "static" / "sm90.csv"  # not beside the GPU CSVs, which the plots read
 COLUMNS = ["kernel", "variant", "config", "num_warps", "num_stages", "registers", "spill_stores", "spill_loads",
-           "shared_bytes", "programs_per_sm", "warp_occupancy", "global_access", "triton", "ptxas", "note"]
+           "shared_bytes", "programs_per_sm", "warp_occupancy", "global_access", "warp_layout", "triton", "ptxas",
+           "note"]
 
 SM90 = dict(registers=65536, warps=64, shared=228 * 1024, programs=32, register_unit=256)
 
@@ -136,10 +137,12 @@ VARIANTS = {
     "deform_conv_bwd_data": [
         ("r50-tf32x3", {}, dict(_DCN, **_DCN_DATA), _R50),
         ("r50-bf16", dict(dict.fromkeys(_HALF_POINTERS, "bf16"), gx_ptr="fp32"), dict(_HALF_DCN, **_DCN_DATA), _R50),
+        ("r50-tf32x3-nchw-gather", {}, dict(_DCN, **_DCN_DATA, CHANNELS_FASTEST=False), _R50_NCHW),
     ],
     "deform_conv_bwd_weight": [
         ("r50-tf32x3", {}, _DCN, _R50),
         ("r50-bf16", dict.fromkeys(_HALF_POINTERS, "bf16"), _HALF_DCN, _R50),
+        ("r50-tf32x3-nchw-gather", {}, dict(_DCN, CHANNELS_FASTEST=False), _R50_NCHW),
     ],
     "deform_conv_taps": [("r50-fp32", dict(key_ptr="i64"), dict(F64=False), _R50)],
     "deform_conv_bwd_sorted": [("r50-fp32", dict(sorted_key_ptr="i64", order_ptr="i64", run_end_ptr="i64"),
@@ -171,6 +174,28 @@ def global_access(ptx: str) -> str:
     for instruction in _GLOBAL_ACCESS.findall(ptx) + [f"cp.async.{int(n, 0)}B" for n in _ASYNC_COPY.findall(ptx)]:
         counts[instruction] = counts.get(instruction, 0) + 1
     return " ".join(f"{name} x{count}" for name, count in sorted(counts.items()))
+
+
+_BLOCKED = re.compile(r"^(#\w+) = #ttg\.blocked<\{.*order = \[(\d+)", re.M)
+_MEMORY_OP = re.compile(r"\b(tt\.load|tt\.store|tt\.atomic_rmw|ttg\.async_copy_global_to_local)\b.*"
+                        r": (?:\(\s*)?tensor<((?:\d+x){2,})!tt\.ptr<\w+>, (#\w+)>")
+
+
+def warp_layout(ttgir: str) -> str:
+    """Which way a warp runs on each multi-dimensional global access of the kernel, as
+    ``load 4x512 dim1 x3``: the tile's shape and its fastest dimension in the layout (``order[0]``:
+    a thread's consecutive elements, then neighbouring threads, step along it). The compiler takes
+    the dimension whose addresses it can prove contiguous; where none is (a gather), its tie-break
+    decides, and that tie-break changed between Triton 3.6 (first dimension) and 3.7 (last)."""
+    fastest = dict(_BLOCKED.findall(ttgir))
+    counts: dict[str, int] = {}
+    for op, shape, layout in _MEMORY_OP.findall(ttgir):
+        if layout not in fastest:
+            continue
+        kind = {"tt.load": "load", "tt.store": "store", "tt.atomic_rmw": "atomic"}.get(op, "cp.async")
+        entry = f"{kind} {shape.rstrip('x')} dim{fastest[layout]}"
+        counts[entry] = counts.get(entry, 0) + 1
+    return " ".join(f"{entry} x{count}" for entry, count in sorted(counts.items()))
 
 
 def occupancy(registers: int, shared: int, num_warps: int) -> tuple[int, float]:
@@ -235,6 +260,7 @@ def measure(kernel_name: str, variant: tuple, config: triton.Config) -> dict:
         log.write(result.stderr + result.stdout)
     row.update(parse_ptxas(log.getvalue()))
     row["global_access"] = global_access(compiled.asm["ptx"])
+    row["warp_layout"] = warp_layout(compiled.asm["ttgir"])
     row["shared_bytes"] = compiled.metadata.shared
     programs, busy = occupancy(row["registers"], row["shared_bytes"], config.num_warps)
     row.update(programs_per_sm=programs, warp_occupancy=f"{busy:.3f}")

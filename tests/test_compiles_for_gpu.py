@@ -9,6 +9,7 @@ variants.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -153,5 +154,70 @@ def test_kernel_compiles_for_sm90(index, compile_errors):
     assert index not in compile_errors, compile_errors.get(index)
 
 
+# Which way a warp runs over each gather and scatter, compiled as perf/resources.py compiles the
+# suite's variants (integers specialized as a launch specializes them): (kernel, variant, config,
+# the extent of the pixel block, of the channel block, the one the warp must run along). Block sizes
+# all differ, so a tile's shape says which dimension is which.
+GATHERS = [
+    ("sample_fwd", "grid2d-c64-fp32-nchw", dict(BLOCK_P=512, BLOCK_C=4), 512, 4, "pixels"),
+    ("sample_fwd", "grid2d-c64-bf16-nchw", dict(BLOCK_P=128, BLOCK_C=2), 128, 2, "pixels"),
+    ("sample_fwd", "affine3d-c4-fp32-nchw", dict(BLOCK_P=512, BLOCK_C=4), 512, 4, "pixels"),
+    ("sample_fwd", "grid2d-c64-fp32-nhwc", dict(BLOCK_P=32, BLOCK_C=64), 32, 64, "channels"),
+    ("sample_bwd", "affine2d-c64-fp32-nchw", dict(BLOCK_P=128, BLOCK_C=4), 128, 4, "pixels"),
+    ("sample_bwd", "affine2d-c64-fp32-nhwc", dict(BLOCK_P=16, BLOCK_C=64), 16, 64, "channels"),
+    ("sample_bwd_sorted", "c64-fp32-nchw", dict(BLOCK_E=128, BLOCK_C=4), 128, 4, "pixels"),
+    ("deform_conv_fwd", "r50-tf32x3", dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 128, 32, "channels"),
+    ("deform_conv_fwd", "r50-tf32x3-nchw-gather", dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 128, 32, "pixels"),
+    ("deform_conv_bwd_data", "r50-tf32x3", dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=16), 128, 16, "channels"),
+    ("deform_conv_bwd_data", "r50-tf32x3-nchw-gather", dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=16), 128, 16, "pixels"),
+    ("deform_conv_bwd_weight", "r50-tf32x3-nchw-gather", dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), 64, 32, "pixels"),
+]
+
+
+def warp_layouts() -> dict[int, dict]:
+    """perf/resources.py's row (warp_layout, global_access) of every GATHERS entry, at 8 warps."""
+    from pathlib import Path
+
+    import triton
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "perf"))
+    import resources
+
+    rows = {}
+    for index, (kernel, label, blocks, *_) in enumerate(GATHERS):
+        variant = next(v for v in resources.VARIANTS[kernel] if v[0] == label)
+        rows[index] = resources.measure(kernel, variant, triton.Config(blocks, num_warps=8, num_stages=2))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def layouts() -> dict[int, dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, __file__, "layouts"], env=env, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {int(index): row for index, row in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the compiled kernels run in the other tests")
+@pytest.mark.skipif(not _can_compile_for_cuda(), reason="this triton has no CUDA backend to compile with")
+@pytest.mark.parametrize("index", range(len(GATHERS)), ids=[f"{g[0]}-{g[1]}" for g in GATHERS])
+def test_gathers_run_a_warp_along_the_contiguous_dimension(index, layouts):
+    """NCHW: along the pixels (neighbouring output pixels read neighbouring input pixels); channels_last:
+    along the channels, 16 bytes at a time. Whatever way this Triton breaks the tie when no address
+    is provably contiguous (sampling.py's TIES_GO_FIRST)."""
+    kernel, label, _, pixels, channels, along = GATHERS[index]
+    row = layouts[index]
+    tiles = re.findall(r"(load|atomic|cp\.async|store) (\d+)x(\d+) dim(\d) x\d+", row["warp_layout"])
+    gathers = [(kind, (int(a), int(b)), int(dim)) for kind, a, b, dim in tiles if {int(a), int(b)} == {pixels, channels}]
+    assert gathers, f"no [pixels, channels] tile among {row['warp_layout']!r}"
+    wanted = pixels if along == "pixels" else channels
+    for kind, shape, dim in gathers:
+        assert shape[dim] == wanted, f"{kind} {shape} runs along dim {dim}, not the {along}: {row['warp_layout']!r}"
+    if along == "channels":
+        assert re.search(r"\.v4\.|cp\.async\.16B", row["global_access"]), row["global_access"]
+
+
 if __name__ == "__main__":
-    print(json.dumps(compile_all()))
+    print(json.dumps(warp_layouts() if sys.argv[1:] == ["layouts"] else compile_all()))

@@ -13,12 +13,7 @@ bfloat16, so the rounded reference stands in for "PyTorch's own error". On a GPU
 results are also held to 2x torchvision's own float16 error.
 """
 
-import json
 import math
-import os
-import re
-import subprocess
-import sys
 import zlib
 from typing import NamedTuple
 
@@ -801,83 +796,6 @@ def test_non_finite_and_huge_offsets_read_nothing(dtype):
     assert_matches(ours, expected, 1e-9 if dtype == torch.float64 else FLOAT32_TOL)
 
 
-# --- the compiled gather, on a CPU: layouts for sm_90 --------------------------------------------
-
-
-def compiled_gather(channels_fastest: bool) -> dict:
-    """The forward compiled for sm_90 at dcn_r50's shape (float32, tf32x3, 128 x 64 x 32 blocks, 8 warps)
-    from an input that is channels-last (``channels_fastest``) or NCHW, its integer arguments specialised as a
-    launch specialises them (1 as a constant, multiples of 16 as such): the layout of the A tile's load and
-    the widths of the PTX's global loads. Needs the interpreter off (a subprocess: see ``__main__``)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from stn_triton.kernels.deform_conv import _deform_conv_fwd_kernel as kernel
-
-    c, h, w, k = 256, 56, 56, 9
-    p = h * w
-    x = dict(sx_n=c * p, sx_c=1, sx_h=w * c, sx_w=c) if channels_fastest else dict(sx_n=c * p, sx_c=p, sx_h=w, sx_w=1)
-    ints = dict(P=p, H=h, W=w, WO=w, KW=3, K=k, CG=c, COG=c, CPG=c, stride_h=1, stride_w=1, pad_h=1, pad_w=1,
-                dil_h=1, dil_w=1, so_n=2 * k * p, so_c=p, so_p=1, sm_n=k * p, sm_c=p, sm_p=1, sw_o=c * k, sw_i=1,
-                sw_h=3 * c, sw_w=c, sy_n=c * p, sy_c=p, sy_p=1, **x)
-    constexprs = dict(HAS_MASK=True, HAS_BIAS=True, F64=False, LOW_PRECISION=False, INPUT_PRECISION="tf32x3",
-                      INDEX_64=False, CHANNELS_FASTEST=channels_fastest, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)
-    signature, attrs = {}, {}
-    for index, param in enumerate(kernel.params):
-        name = param.name
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32"
-            attrs[(index,)] = [["tt.divisibility", 16]]  # torch's allocations are 16-byte aligned
-        elif ints[name] == 1 and not param.do_not_specialize:
-            signature[name] = "constexpr"
-            constexprs[name] = 1
-        else:
-            signature[name] = "i32"
-            if ints[name] % 16 == 0 and not param.do_not_specialize:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))
-    ttgir = compiled.asm["ttgir"]
-    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<.*>)$", ttgir, re.M))
-    tile = "128x32" if channels_fastest else "32x128"  # the A tile as loaded: [pixels, channels] or its transpose
-    loads = re.findall(rf"(?:tt\.load|ttg\.async_copy_global_to_local) .* : tensor<{tile}x!tt\.ptr<f32>, (#\w+)>", ttgir)
-    # 16-byte global loads: ld.global.v4 into registers, or cp.async of 16 bytes into shared memory.
-    sixteen_bytes = r"ld\.global(?:\.\w+)*\.v4\.|cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], 0x10"
-    return dict(layouts=sorted({layouts[name] for name in loads}),
-                vector_loads=len(re.findall(sixteen_bytes, compiled.asm["ptx"])))
-
-
-def _can_compile_for_cuda() -> bool:
-    try:
-        import triton.backends.nvidia.compiler  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(ON_GPU, reason="on a GPU the compiled kernels run in the other tests")
-@pytest.mark.skipif(not _can_compile_for_cuda(), reason="this triton has no CUDA backend to compile with")
-@pytest.mark.parametrize("channels_fastest", [True, False], ids=["channels_last", "nchw"])
-def test_gather_runs_a_warp_along_the_contiguous_dimension(channels_fastest):
-    """Channels-last: a warp's threads along channels, 4 per thread, loaded 16 bytes at a time. NCHW: all 32
-    along pixels (neighbouring output pixels read neighbouring input pixels), one channel at a time."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    result = subprocess.run([sys.executable, __file__, "compiled_gather", str(channels_fastest)], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(found["layouts"]) == 1, found
-    layout = found["layouts"][0]
-    if channels_fastest:
-        assert "sizePerThread = [1, 4]" in layout and "order = [1, 0]" in layout, layout
-        assert found["vector_loads"] > 0, "no 16-byte global load"
-    else:
-        assert "threadsPerWarp = [1, 32]" in layout and "order = [1, 0]" in layout, layout
-
-
 # --- on a GPU: torchvision and torch.compile ----------------------------------------------------
 
 # Realistic layers: a DCNv2 block of a small backbone, the same past torchvision's 32-image
@@ -940,8 +858,3 @@ def test_torch_compile_fullgraph_matches_eager():
     eager = run_deform_conv(stn_triton.deform_conv2d, tensors, case.conv, grad_output)
     ours = run_deform_conv(compiled, tensors, case.conv, grad_output)
     assert_matches(ours, eager, 1e-6, "compiled vs eager: ")
-
-
-if __name__ == "__main__":
-    if sys.argv[1] == "compiled_gather":
-        print(json.dumps(compiled_gather(sys.argv[2] == "True")))
