@@ -255,8 +255,9 @@ def run_deform_conv(fn, tensors: dict, conv: dict, grad_output=None):
 
     ``grad_output=None`` backpropagates ``out.sum()`` (an expanded, stride-0 gradient).
     """
-    leaves = {name: t.detach().clone().requires_grad_() for name, t in tensors.items() if t is not None}
-    # clone() keeps a non-contiguous layout as it is (preserve_format on a dense, non-overlapping tensor).
+    # detach() keeps each tensor's own storage and strides; clone() would make a non-dense one (a strided bias
+    # or mask) contiguous, so the kernels would never see it.
+    leaves = {name: t.detach().requires_grad_() for name, t in tensors.items() if t is not None}
     out = fn(leaves["input"], leaves["offset"], leaves["weight"], leaves.get("bias"), mask=leaves.get("mask"), **conv)
     if grad_output is None:
         out.sum().backward()

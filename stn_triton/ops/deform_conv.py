@@ -392,7 +392,7 @@ def deform_conv2d_forward(input, offset, weight, bias, mask, stride, padding, di
     launch(
         lambda meta: (shape.batch * cdiv(pixels, meta["BLOCK_M"]), shape.groups * cdiv(cog, meta["BLOCK_N"])),
         x_ptr=call.x, off_ptr=call.offset, mask_ptr=call.mask, w_ptr=call.weight,
-        b_ptr=bias if bias is not None else call.weight, out_ptr=out,
+        b_ptr=bias.contiguous() if bias is not None else call.weight, out_ptr=out,  # the kernel reads b_ptr + co
         P=pixels, H=shape.height, W=shape.width, WO=shape.out_w, KW=shape.kernel_w, K=shape.taps,
         CG=shape.group_channels, COG=cog, CPG=shape.offset_group_channels, **call.conv,
         **_strides("sx", call.x), **_pixel_strides("so", call.offset), **_pixel_strides("sm", call.mask),
@@ -416,13 +416,15 @@ def deform_conv2d_backward(grad_output, input, offset, weight, mask, stride, pad
     # With x's strides (the kernel addresses both alike), so its atomics add along contiguous channels
     # when the gather does; in float32 for half dtypes.
     gx = torch.zeros_like(call.x, dtype=compute_dtype(input.dtype)) if atomic_input_grad else empty(0)
-    grad_offset = torch.zeros(offset.shape, dtype=offset.dtype, device=offset.device) if offset_grad else empty(0)
-    grad_mask = torch.zeros(mask.shape, dtype=mask.dtype, device=mask.device) if mask_grad else empty(0)
+    work = shape.rows > 0 and shape.channels > 0 and shape.out_channels > 0
+    # The data kernel stores every element of these when it runs; they are zeros only when it does not.
+    fresh = torch.empty if work else torch.zeros
+    grad_offset = fresh(offset.shape, dtype=offset.dtype, device=offset.device) if offset_grad else empty(0)
+    grad_mask = fresh(mask.shape, dtype=mask.dtype, device=mask.device) if mask_grad else empty(0)
     columns = empty(0)
     if sorted_input_grad:
-        columns = torch.zeros((shape.rows, shape.taps, shape.channels), dtype=compute_dtype(input.dtype),
-                              device=input.device)
-    work = shape.rows > 0 and shape.channels > 0 and shape.out_channels > 0
+        columns = fresh((shape.rows, shape.taps, shape.channels), dtype=compute_dtype(input.dtype),
+                        device=input.device)
     if work and (input_grad or offset_grad or mask_grad):
         # Never written unless INPUT_GRAD; a one-element stand-in then, since the autotuner zeroes it between trials.
         gx_arg = gx if atomic_input_grad else empty(1)
