@@ -28,6 +28,7 @@ import triton
 from torch.library import wrap_triton
 
 from stn_triton.backend import interpreting
+from stn_triton.ops._launch import next_power_of_2
 
 SHIPPED_TABLES = Path(__file__).parent / "configs"
 
@@ -85,7 +86,7 @@ def user_table_dir() -> Path:
 
 def bucket(size: int) -> int:
     """The power of two at or above ``size``: nearby shapes share one tuned config."""
-    return 1 << max(int(size) - 1, 0).bit_length()
+    return next_power_of_2(int(size))
 
 
 @functools.cache
@@ -166,6 +167,7 @@ class TunedKernel:
         self.writes = writes
         self.interpreter_options = launch_options(interpreter_config)
         self.autotuned = triton.autotune(configs=configs, key=autotune_key, reset_to_zero=reset_to_zero)(kernel)
+        self.timed_key = None  # the table key the autotuner's cached winners were timed for
         REGISTRY.append(self)
 
     def choose(self, key: str, shape: dict, device: torch.device) -> "Launch":
@@ -205,6 +207,11 @@ class Launch:
     def __call__(self, grid, **arguments) -> None:
         """Launch on the tensors' device (not merely the current one), kernel arguments by name."""
         kernel = self.tuned.kernel if self.options is not None else self.tuned.autotuned
+        if self.options is None and self.tuned.timed_key != self.key:
+            # Triton's autotuner caches a winner per its own key, which lacks parts of the table key
+            # (memory layout, pixel bucket): time again for each table key instead of keeping another's.
+            self.tuned.autotuned.cache.clear()
+            self.tuned.timed_key = self.key
         options = self.options or {}
         if self.device.type == "cuda" and self.device.index not in (None, torch.cuda.current_device()):
             with torch.cuda.device(self.device):

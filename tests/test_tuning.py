@@ -137,6 +137,27 @@ def test_an_autotuned_winner_persists_in_the_user_table(tables, monkeypatch):
     assert tuned.choose("miss", {"channels": 3}, CUDA).options == {"BLOCK_P": 256, "num_warps": 8, "num_stages": 1}
 
 
+def test_autotuning_times_again_for_each_table_key(tables, monkeypatch):
+    """Triton's autotuner caches winners by its own key, which lacks the layout and pixel bucket of the
+    table key: a winner timed for one table key must not be kept for another."""
+    tuned = _toy(monkeypatch)
+    launching = []
+
+    def autotuner_launch(kernel):  # as Triton's autotuner: time (here: note the table key) on a cache miss
+        return {(1,): lambda **arguments: kernel.cache.setdefault("triton's key", launching[-1])}
+
+    monkeypatch.setattr(tuning, "wrap_triton", autotuner_launch)
+    monkeypatch.setattr(tuning.Launch, "_keep", lambda self, best: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(tuned.autotuned, "best_config", None, raising=False)
+    winners = []
+    for key in ("nchw", "nchw", "nhwc"):
+        launching.append(key)
+        tuning.Launch(tuned, key, CUDA, None)((1,))
+        winners.append(tuned.autotuned.cache["triton's key"])
+    assert winners == ["nchw", "nchw", "nhwc"]
+
+
 def test_recording_collects_winners_instead_of_writing(tables, monkeypatch):
     _, user = tables
     tuned = _toy(monkeypatch)
