@@ -75,7 +75,12 @@ def tap_position(oy, ox, k, KW, dy, dx, stride_h, stride_w, pad_h, pad_w, dil_h,
 
 @triton.jit
 def gather(rows, columns, row_mask, column_mask, CHANNELS_FASTEST: tl.constexpr):
-    """``[BLOCK_M, BLOCK_K]`` values at ``rows[m] + columns[c]`` (pointers [BLOCK_M], offsets [BLOCK_K]), 0 where masked."""
+    """``[BLOCK_M, BLOCK_K]`` values at ``rows[m] + columns[c]`` (pointers [BLOCK_M], offsets [BLOCK_K]), 0 where masked.
+
+    sampling.py's ``gather`` in the A tile's orientation. Routed through it (a transpose of its
+    ``[C, P]`` tile) the channels-last tile is loaded transposed and the kernels compile to more
+    scalar loads and different registers (perf/resources.py), so the A tile keeps this helper.
+    """
     if CHANNELS_FASTEST or TIES_GO_FIRST:
         return tl.load(rows[:, None] + columns[None, :], mask=row_mask[:, None] & column_mask[None, :], other=0.0)
     else:

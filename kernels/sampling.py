@@ -311,8 +311,9 @@ def scatter(channels, pixels, values, mask):
 def scatter_add(channels, pixels, values, mask):
     """Add ``values`` [C, P] at ``channels[:, None] + pixels[None, :]``, oriented as ``gather``.
 
-    Relaxed: nothing reads the target before the kernel ends, so no ordering is needed, and the add
-    compiles to a fire-and-forget red.global instead of a fenced atom."""
+    Relaxed: nothing reads the target before the kernel ends, so no ordering is needed and the add
+    carries no fence (Triton 3.9 compiles it to a fire-and-forget red.global, 3.6 to an
+    atom.global.relaxed whose result goes unused)."""
     if TIES_GO_FIRST:
         tl.atomic_add(pixels[:, None] + channels[None, :], tl.trans(values), mask=tl.trans(mask), sem="relaxed")
     else:

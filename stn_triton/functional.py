@@ -15,6 +15,7 @@ from stn_triton.ops import affine_grid as _affine_grid_op
 from stn_triton.ops import deform_conv as _deform_conv_op
 from stn_triton.ops import grid_sample as _grid_sample_op
 from stn_triton.ops import warp as _warp_op
+from stn_triton.ops._launch import compute_dtype
 
 MODES = ("bilinear", "nearest", "bicubic")
 PADDING_MODES = ("zeros", "border", "reflection")
@@ -282,7 +283,7 @@ def tps_grid_sample(
         raise ValueError(f"source_points must hold at least 3 points (K >= 3) to fix the affine part, got K = {k}")
     if control_points is None:
         control_points = geometry.default_control_points(
-            k, torch.float64 if input.dtype == torch.float64 else torch.float32, input.device
+            k, compute_dtype(input.dtype), input.device
         )
     else:
         _check_tensor("control_points", control_points, (2,))

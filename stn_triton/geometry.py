@@ -10,6 +10,8 @@ import weakref
 
 import torch
 
+from stn_triton.ops._launch import compute_dtype
+
 
 def regular_control_points(k: int, dtype: torch.dtype, device) -> torch.Tensor:
     """``[K, 2]``: a sqrt(K) x sqrt(K) grid over [-1, 1]^2, x fastest; K must be a square."""
@@ -80,7 +82,7 @@ def tps_coefficients(source_points: torch.Tensor, control_points: torch.Tensor) 
     Rows 0..K-1 are the radial weights w_k, rows K..K+2 the affine part (a0, a_x, a_y), one column
     per output coordinate; in float32 (float64 for float64), differentiable in the source points.
     """
-    dtype = torch.float64 if source_points.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(source_points.dtype)
     return cached_tps_solver(control_points, dtype) @ source_points.to(dtype)
 
 
@@ -101,7 +103,7 @@ def normalized_inverse_map(M: torch.Tensor, src_size, dsize, align_corners: bool
     M ``[B, 3, 3]`` maps source pixels to destination pixels, as kornia's warps take it. Computed
     in float32 (float64 for float64) with differentiable torch ops.
     """
-    dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(M.dtype)
     M = M.to(dtype)
     src_norm = _pixel_to_normalized(*src_size, align_corners, M)
     dst_norm = _pixel_to_normalized(*dsize, align_corners, M)

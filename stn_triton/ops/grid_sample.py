@@ -228,7 +228,7 @@ def sample_backward(grad_output, input, coords, control_points, fill, size, tran
             args.update(ginp_ptr=grad_input, **named_strides("sgi", grad_input))
         else:
             # Never written; a one-element stand-in, since the autotuner zeroes this argument between trials.
-            args.update(ginp_ptr=input.new_zeros(1))
+            args.update(ginp_ptr=input.new_empty(1))
         args.update(
             gout_ptr=grad_output, **named_strides("sgo", grad_output), SPLITS=splits, PASS=codes.BACKWARD,
             EVEN_C=channels % launch.most("BLOCK_C") == 0,
@@ -247,15 +247,16 @@ def sample_backward(grad_output, input, coords, control_points, fill, size, tran
 
 def _coords_grad_buffer(coords: torch.Tensor, transform: int, splits: int, rows: int, ndim: int) -> torch.Tensor:
     """What the backward kernel writes the points' gradient into, per channel split (see transforms.store_transform_grad)."""
-    if transform == codes.GRID:
-        return torch.zeros((splits, *coords.shape), dtype=compute_dtype(coords.dtype), device=coords.device)
+    if transform == codes.GRID:  # every split writes every point
+        return torch.empty((splits, *coords.shape), dtype=compute_dtype(coords.dtype), device=coords.device)
+    # Rows past the blocks a launch uses are never written and must add nothing.
     shape = (coords.shape[1], 2) if transform == codes.TPS else (4, 4)
     return torch.zeros((splits, rows, *shape), dtype=compute_dtype(coords.dtype), device=coords.device)
 
 
 def _finish_coords_grad(buffer: torch.Tensor, coords: torch.Tensor, transform: int, images: int) -> torch.Tensor:
     """Add the splits and each image's rows of partial sums (in order), and shape them as ``coords``."""
-    total = buffer.sum(dim=0)
+    total = buffer[0] if buffer.shape[0] == 1 else buffer.sum(dim=0)
     if transform == codes.GRID:
         return total.to(coords.dtype)
     per_image = total.view(images, -1, *total.shape[1:]).sum(dim=1)
