@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import stn_triton
 import training
-from stn_triton import reference as stn_reference
+from stn_triton import fallback
 from stn_triton.shapes import SHAPES, BenchShape
 
 Inputs = dict[str, torch.Tensor]
@@ -393,7 +393,7 @@ def tps_case(case_id: str, shape: Shape) -> Case:
 
 def reference_deform_conv2d(input, offset, mask, weight, bias, *, padding):
     """The plain PyTorch deformable convolution (column buffer + matmul): the float64 reference."""
-    return stn_reference.deform_conv2d(input, offset, weight, bias, (1, 1), (padding, padding), (1, 1), mask)
+    return fallback.deform_conv2d(input, offset, weight, bias, (1, 1), (padding, padding), (1, 1), mask)
 
 
 def torchvision_installed() -> bool:

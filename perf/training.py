@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stn_triton
-from stn_triton import reference as stn_reference
+from stn_triton import fallback
 
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
@@ -157,7 +157,7 @@ class ReferenceDeformConv2d(stn_triton.DeformConv2d):
     matmul): the float64 reference, which needs no torchvision."""
 
     def forward(self, input, offset, mask=None):
-        return stn_reference.deform_conv2d(
+        return fallback.deform_conv2d(
             input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
         )
 

@@ -9,17 +9,17 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from stn_triton import geometry, reference
+from stn_triton import fallback, geometry
 from stn_triton.backend import TORCH, backend
+from stn_triton.conv_shape import DeformConvShape
+from stn_triton.numerics import FLOAT_DTYPES, compute_dtype
 from stn_triton.ops import affine_grid as _affine_grid_op
 from stn_triton.ops import deform_conv as _deform_conv_op
-from stn_triton.ops import grid_sample as _grid_sample_op
+from stn_triton.ops import sample as _sample_op
 from stn_triton.ops import warp as _warp_op
-from stn_triton.ops._launch import compute_dtype
 
 MODES = ("bilinear", "nearest", "bicubic")
 PADDING_MODES = ("zeros", "border", "reflection")
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _check_tensor(name: str, value, ndims: Sequence[int]) -> None:
@@ -124,11 +124,11 @@ def grid_sample(
         raise ValueError(f"input must have non-empty spatial dimensions, got input of shape {tuple(input.shape)}")
     if backend(input) == TORCH:
         return F.grid_sample(
-            input, reference.finite_grid(grid), mode=mode, padding_mode=padding_mode, align_corners=align_corners
+            input, fallback.finite_grid(grid), mode=mode, padding_mode=padding_mode, align_corners=align_corners
         )
     out_dtype = sampled_dtype(input.device.type, input.dtype, grid.dtype) if autocasting else input.dtype
     return _without_autocast(
-        input.device.type, _grid_sample_op.grid_sample, input, grid, mode, padding_mode, align_corners, out_dtype
+        input.device.type, _sample_op.grid_sample, input, grid, mode, padding_mode, align_corners, out_dtype
     )
 
 
@@ -228,7 +228,7 @@ def affine_grid_sample(
     _check_like_input("theta", theta, input, (input.shape[0], nd, nd + 1), any_dtype=autocasting)
     spatial = _output_spatial(size, input)
     if backend(input) == TORCH:
-        return reference.affine_grid_sample(input, theta, spatial, mode, padding_mode, align_corners)
+        return fallback.affine_grid_sample(input, theta, spatial, mode, padding_mode, align_corners)
     return _without_autocast(input.device.type, _warp_op.affine_grid_sample, input, theta, spatial, mode, padding_mode,
                              align_corners, _warp_dtype(input))
 
@@ -252,7 +252,7 @@ def perspective_grid_sample(
     _check_like_input("homography", homography, input, (input.shape[0], 3, 3), any_dtype=autocasting)
     spatial = _output_spatial(size, input)
     if backend(input) == TORCH:
-        return reference.perspective_grid_sample(input, homography, spatial, mode, padding_mode, align_corners)
+        return fallback.perspective_grid_sample(input, homography, spatial, mode, padding_mode, align_corners)
     return _without_autocast(input.device.type, _warp_op.perspective_grid_sample, input, homography, spatial, mode,
                              padding_mode, align_corners, _warp_dtype(input))
 
@@ -295,7 +295,7 @@ def tps_grid_sample(
             raise ValueError(f"control_points must be on input's device {input.device}, got {control_points.device}")
     spatial = _output_spatial(size, input)
     if backend(input) == TORCH:
-        return reference.tps_grid_sample(input, source_points, control_points, spatial, mode, padding_mode, align_corners)
+        return fallback.tps_grid_sample(input, source_points, control_points, spatial, mode, padding_mode, align_corners)
     return _without_autocast(input.device.type, _warp_op.tps_grid_sample, input, source_points, control_points, spatial,
                              mode, padding_mode, align_corners, _warp_dtype(input))
 
@@ -336,7 +336,7 @@ def warp_affine(
     """
     fill = _check_pixel_warp(src, M, (2, 3), dsize, mode, padding_mode, align_corners, fill_value)
     if backend(src) == TORCH:
-        return reference.warp_affine(src, M, tuple(dsize), mode, padding_mode, align_corners, fill)
+        return fallback.warp_affine(src, M, tuple(dsize), mode, padding_mode, align_corners, fill)
     return _without_autocast(src.device.type, _warp_op.warp_affine, src, M, tuple(dsize), mode, padding_mode, align_corners,
                              fill, _warp_dtype(src))
 
@@ -357,7 +357,7 @@ def warp_perspective(
     """
     fill = _check_pixel_warp(src, M, (3, 3), dsize, mode, padding_mode, align_corners, fill_value)
     if backend(src) == TORCH:
-        return reference.warp_perspective(src, M, tuple(dsize), mode, padding_mode, align_corners, fill)
+        return fallback.warp_perspective(src, M, tuple(dsize), mode, padding_mode, align_corners, fill)
     return _without_autocast(src.device.type, _warp_op.warp_perspective, src, M, tuple(dsize), mode, padding_mode, align_corners,
                              fill, _warp_dtype(src))
 
@@ -398,7 +398,7 @@ def deform_conv2d(
     autocasting = torch.is_autocast_enabled(input.device.type)
     _check_like_input("weight", weight, input, (None, None, None, None), any_dtype=autocasting)
     _check_like_input("offset", offset, input, (input.shape[0], None, None, None), any_dtype=autocasting)
-    shape = _deform_conv_op.DeformConvShape.of(input.shape, offset.shape, weight.shape, stride, padding, dilation)
+    shape = DeformConvShape.of(input.shape, offset.shape, weight.shape, stride, padding, dilation)
     if mask is not None:
         _check_like_input("mask", mask, input, shape.mask_shape(), any_dtype=autocasting)
     if bias is not None:
@@ -412,5 +412,5 @@ def deform_conv2d(
         with torch.autocast(input.device.type, enabled=False):
             return deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask).to(input.dtype)
     if backend(input) == TORCH:
-        return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+        return fallback.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     return _deform_conv_op.deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation)

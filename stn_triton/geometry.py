@@ -1,7 +1,7 @@
 """Host-side geometry of the warps: the thin-plate-spline solve and kornia's pixel frames.
 
 Used by the Triton warps (``stn_triton.ops.warp``) and by the plain PyTorch fallback
-(``stn_triton.reference``) alike, so both compute the same transform.
+(``stn_triton.fallback``) alike, so both compute the same transform.
 """
 
 import functools
@@ -10,7 +10,7 @@ import weakref
 
 import torch
 
-from stn_triton.ops._launch import compute_dtype
+from stn_triton.numerics import compute_dtype
 
 
 def regular_control_points(k: int, dtype: torch.dtype, device) -> torch.Tensor:

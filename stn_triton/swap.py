@@ -36,7 +36,8 @@ from torch.overrides import has_torch_function, has_torch_function_unary, has_to
 
 from stn_triton import functional
 from stn_triton.backend import TORCH, backend
-from stn_triton.ops.deform_conv import output_size
+from stn_triton.conv_shape import output_size
+from stn_triton.numerics import FLOAT_DTYPES
 
 # torchvision's deform_conv2d kernels dispatch float, double and half only: bfloat16 raises there.
 _DEFORM_CONV_DTYPES = (torch.float32, torch.float64, torch.float16)
@@ -63,7 +64,7 @@ def _routes_grid_sample(input, grid, mode, padding_mode, align_corners) -> bool:
         and isinstance(input, torch.Tensor)
         and isinstance(grid, torch.Tensor)
         and not has_torch_function_variadic(input, grid)
-        and input.dtype in functional.FLOAT_DTYPES
+        and input.dtype in FLOAT_DTYPES
         # Inside autocast stn_triton takes mixed dtypes and returns autocast's dtype, as PyTorch does.
         and (grid.dtype == input.dtype or torch.is_autocast_enabled(input.device.type))
         and grid.device == input.device
@@ -87,7 +88,7 @@ def _routes_affine_grid(theta, size, align_corners) -> bool:
         and isinstance(align_corners, bool)
         and isinstance(theta, torch.Tensor)
         and not has_torch_function_unary(theta)
-        and theta.dtype in functional.FLOAT_DTYPES
+        and theta.dtype in FLOAT_DTYPES
         and isinstance(size, (list, tuple))
         and len(size) in (4, 5)
         and all(type(s) is int and s > 0 for s in size)
@@ -126,7 +127,7 @@ def _routes_deform_conv2d(input, offset, weight, bias, stride, padding, dilation
         # result to the input's dtype; stn_triton does the same.
         and (torch.is_autocast_enabled(input.device.type)
              or (input.dtype in _DEFORM_CONV_DTYPES and all(t.dtype == input.dtype for t in tensors)))
-        and all(t.dtype in functional.FLOAT_DTYPES and t.device == input.device for t in tensors)
+        and all(t.dtype in FLOAT_DTYPES and t.device == input.device for t in tensors)
         and input.dim() == 4
         and offset.dim() == 4
         and weight.dim() == 4

@@ -28,7 +28,7 @@ import triton
 from torch.library import wrap_triton
 
 from stn_triton.backend import interpreting
-from stn_triton.ops._launch import next_power_of_2
+from stn_triton.numerics import next_power_of_2
 
 SHIPPED_TABLES = Path(__file__).parent / "configs"
 

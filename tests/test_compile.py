@@ -88,7 +88,7 @@ def _sample_inputs():
 
 def test_opcheck_sample_ops():
     from stn_triton.kernels import codes
-    from stn_triton.ops import grid_sample as ops
+    from stn_triton.ops import sample as ops
 
     x, grid, theta = _sample_inputs()
     for coords, size, transform in ((grid, [5, 6], codes.GRID), (theta, [7, 8], codes.AFFINE)):

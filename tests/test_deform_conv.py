@@ -3,7 +3,7 @@
 The reference samples every tap by explicit floor / weights / gathers with torchvision's rule (a
 corner outside the image reads 0; a point at or beyond -1 or the size reads nothing), multiplies by
 the mask and contracts with the weight by an einsum per convolution group. It shares no code with
-the library (neither its kernels nor ``stn_triton.reference``, which goes through grid_sample), and
+the library (neither its kernels nor ``stn_triton.fallback``, which goes through grid_sample), and
 is itself checked against a pure-Python loop. Gradients are autograd of the reference: with floor
 held constant, that is torchvision's one-sided derivative at integer positions.
 
@@ -22,8 +22,6 @@ import torch
 import torch.nn.functional as F
 
 import stn_triton
-from stn_triton import tuning
-from stn_triton.ops import deform_conv as dcn_ops
 from conftest import (
     DEVICE,
     INTERPRETING,
@@ -37,6 +35,8 @@ from conftest import (
     randn,
     sizes,
 )
+from stn_triton import conv_shape, tuning
+from stn_triton.ops import deform_conv as dcn_ops
 
 # float32 against float64, relative to the largest magnitude: sums of C * K products rounded to float32.
 FLOAT32_TOL = 1e-5
@@ -442,9 +442,9 @@ def test_batch_sizes(n):
 # --- host decisions: shape arithmetic, GEMM precision, gather layout ----------------------------
 
 
-def call_shape(case: Case) -> "dcn_ops.DeformConvShape":
+def call_shape(case: Case) -> "conv_shape.DeformConvShape":
     ho, wo = case.out_size()
-    return dcn_ops.DeformConvShape.of(
+    return conv_shape.DeformConvShape.of(
         (case.n, case.cin, case.h, case.w), (case.n, 2 * case.offset_groups * case.taps, ho, wo),
         (case.cout, case.cin // case.groups, *case.kernel), _pair(case.stride), _pair(case.padding), _pair(case.dilation),
     )
@@ -466,7 +466,7 @@ def test_shape_arithmetic_of_every_case(case):
 def test_shape_arithmetic_rejects_sizes_that_do_not_fit(offset_channels, argument):
     """input [2, 4, 5, 6], weight [6, 4, 3, 3]: 18 offset channels fit (one group), 36 (two) too,
     16 is no multiple of 2 x 9, 54 would be three offset groups of 4 / 3 channels."""
-    of = dcn_ops.DeformConvShape.of
+    of = conv_shape.DeformConvShape.of
     if argument is None:
         assert of((2, 4, 5, 6), (2, offset_channels, 3, 4), (6, 4, 3, 3), (1, 1), (0, 0), (1, 1)).offset_groups == 2
         return
@@ -540,7 +540,7 @@ def test_float32_gemms_follow_pytorchs_tf32_switch(setting, dtype, expected, lau
     (4, 1, 1, torch.float64, True),
 ])
 def test_channels_last_gather_when_a_sample_points_channels_fill_a_sector(channels, groups, offset_groups, dtype, expected):
-    shape = dcn_ops.DeformConvShape(2, channels, 9, 9, 8 * groups, 3, 3, groups, offset_groups, 9, 9)
+    shape = conv_shape.DeformConvShape(2, channels, 9, 9, 8 * groups, 3, 3, groups, offset_groups, 9, 9)
     input = torch.empty((2, channels, 9, 9), dtype=dtype, device="meta")
     assert dcn_ops.gather_channels_last(input, shape) == expected
 
@@ -755,7 +755,7 @@ def test_forward_allocates_no_column_buffer():
         stn_triton.deform_conv2d(**tensors, **case.conv)
 
     def columns_in_memory():
-        stn_triton.reference.deform_conv2d(
+        stn_triton.fallback.deform_conv2d(
             tensors["input"], tensors["offset"], tensors["weight"], None, (1, 1), (2, 2), (1, 1), tensors["mask"]
         )
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import stn_triton
-from stn_triton import functional
 from conftest import DEVICE
+from stn_triton import functional
 
 
 class Launched(Exception):
@@ -31,7 +31,7 @@ def no_launch(monkeypatch):
     Only the launch is stubbed: the op module's shape arithmetic is what the validation itself uses.
     """
     monkeypatch.setattr(functional._deform_conv_op, "deform_conv2d", _launched)
-    monkeypatch.setattr(functional, "reference", SimpleNamespace(deform_conv2d=_launched))
+    monkeypatch.setattr(functional, "fallback", SimpleNamespace(deform_conv2d=_launched))
 
 
 def t(*shape, dtype=torch.float32):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import DEVICE, generator, rand, randn
-from stn_triton import geometry, reference
+from stn_triton import fallback, geometry
 from stn_triton.nn import SpatialTransformer
 
 TRANSFORMS = ("affine", "projective", "tps")
@@ -35,10 +35,10 @@ def reference_warp(transform, x, params, spatial, module):
     """The unfused warp (grid in memory, PyTorch's grid_sample) the module's op must equal."""
     options = (module.mode, module.padding_mode, module.align_corners)
     if transform == "affine":
-        return reference.affine_grid_sample(x, params, spatial, *options)
+        return fallback.affine_grid_sample(x, params, spatial, *options)
     if transform == "projective":
-        return reference.perspective_grid_sample(x, params, spatial, *options)
-    return reference.tps_grid_sample(x, params, module.control_points, spatial, *options)
+        return fallback.perspective_grid_sample(x, params, spatial, *options)
+    return fallback.tps_grid_sample(x, params, module.control_points, spatial, *options)
 
 
 # (transform, input size): the affine case also on a volume, theta [N, 3, 4].
@@ -82,7 +82,7 @@ def test_output_size_samples_the_identity_on_the_new_grid():
     module = SpatialTransformer(2, (6, 7), output_size=(5, 9)).double().to(DEVICE)
     x = rand((2, 2, 6, 7), generator(3))
     theta = identity_params(module, 2)
-    expected = reference.affine_grid_sample(x, theta, (5, 9), "bilinear", "zeros", False)
+    expected = fallback.affine_grid_sample(x, theta, (5, 9), "bilinear", "zeros", False)
     torch.testing.assert_close(module(x), expected, atol=1e-12, rtol=0)
 
 
@@ -128,7 +128,7 @@ def test_learns_to_produce_a_known_affine():
     coarse = randn((1, 1, 4, 4), generator(6), device="cpu")
     pattern = F.interpolate(coarse, size=(side, side), mode="bicubic", align_corners=True).to(DEVICE)
     theta = rotation_scale_shift(0.3, 0.9, (0.12, -0.08)).to(DEVICE)
-    target = reference.affine_grid_sample(pattern, theta, (side, side), "bilinear", "zeros", False)
+    target = fallback.affine_grid_sample(pattern, theta, (side, side), "bilinear", "zeros", False)
     localization = nn.Sequential(nn.Flatten(), nn.Linear(side * side, 4), nn.Tanh())
     module = SpatialTransformer(1, (side, side), localization=localization).double().to(DEVICE)
     optimizer = torch.optim.Adam(module.parameters(), lr=0.02)

@@ -13,10 +13,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, generator, rand, randn
 from torch import nn
 
 import stn_triton
+from conftest import DEVICE, generator, rand, randn
 from stn_triton.nn import DeformConv2d, SelfDeformConv2d
 
 

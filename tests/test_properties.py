@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import stn_triton
 from conftest import ON_GPU
-from stn_triton import reference
+from stn_triton import fallback
 
 EXAMPLES = 60 if ON_GPU else 15
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
@@ -141,6 +141,6 @@ def test_deform_conv2d_equals_the_column_buffer_reference(case):
 
     def theirs(x, offset, weight, *rest):
         bias, mask = split(rest)
-        return reference.deform_conv2d(x, offset, weight, bias, case["stride"], case["padding"], case["dilation"], mask)
+        return fallback.deform_conv2d(x, offset, weight, bias, case["stride"], case["padding"], case["dilation"], mask)
 
     _assert_all_close(_grads(ours, tensors, seed + 5), _grads(theirs, tensors, seed + 5))

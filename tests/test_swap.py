@@ -19,12 +19,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, ON_GPU, generator, rand
 from torch.autograd import forward_ad
 from torch.nn.modules.utils import _pair
 
 import stn_triton
-from stn_triton import functional, reference, swap
+from conftest import DEVICE, ON_GPU, generator, rand
+from stn_triton import fallback, functional, swap
 
 BACKEND_MODULE = sys.modules["stn_triton.backend"]
 
@@ -468,7 +468,7 @@ def fake_torchvision(monkeypatch) -> types.ModuleType:
 
     def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), mask=None):
         stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-        return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+        return fallback.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
 
     class DeformConv2d(stn_triton.DeformConv2d):
         def forward(self, input, offset, mask=None):
@@ -528,7 +528,7 @@ def test_fake_torchvision_deform_conv2d_routes_under_autocast(fake_torchvision, 
         out = fake_torchvision.ops.deform_conv2d(**args | dict(input=args["input"].bfloat16()))
     assert ours.deform_conv2d, "routed to stn_triton"
     assert out.dtype == torch.bfloat16
-    expected = reference.deform_conv2d(args["input"].bfloat16().double(), args["offset"].double(),
+    expected = fallback.deform_conv2d(args["input"].bfloat16().double(), args["offset"].double(),
                                        args["weight"].double(), args["bias"].double(), (1, 1), (1, 1), (1, 1),
                                        args["mask"].double())
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=8e-3)

@@ -189,7 +189,7 @@ def test_every_kernel_launch_goes_through_a_tuned_kernel():
     """Each Triton kernel the ops launch has a config space, a heuristic and declared writes."""
     import stn_triton.kernels.affine_grid as affine_grid_kernels
     import stn_triton.kernels.deform_conv as dcn_kernels
-    import stn_triton.kernels.grid_sample as sample_kernels
+    import stn_triton.kernels.sample as sample_kernels
 
     launched = {
         getattr(module, name)
@@ -217,7 +217,7 @@ def test_gpu_name_normalises_like_the_perf_csv(monkeypatch):
 def test_tune_writes_a_table_that_the_ops_then_use(tables):
     import stn_triton
     from stn_triton import tune
-    from stn_triton.ops import grid_sample as ops
+    from stn_triton.ops import sample as ops
 
     _, user = tables
     assert tune.main(["--quick"]) == 0
@@ -236,7 +236,7 @@ def test_tune_writes_a_table_that_the_ops_then_use(tables):
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 def test_sampling_heuristics_pick_configs_of_their_spaces(nhwc, backward):
     """A heuristic's config is one the space times too, so the tuned table can only improve on it."""
-    from stn_triton.ops import grid_sample as ops
+    from stn_triton.ops import sample as ops
 
     def in_space(config, tuned):
         return any(config.kwargs == c.kwargs and config.num_warps == c.num_warps for c in tuned.configs)

@@ -27,7 +27,7 @@ def _launched(*args, **kwargs):
 @pytest.fixture(autouse=True)
 def no_launch(monkeypatch):
     """Replace every way out of ``functional`` (op modules and the PyTorch fallback) by a stub."""
-    monkeypatch.setattr(functional, "_grid_sample_op", SimpleNamespace(grid_sample=_launched))
+    monkeypatch.setattr(functional, "_sample_op", SimpleNamespace(grid_sample=_launched))
     monkeypatch.setattr(functional, "_affine_grid_op", SimpleNamespace(affine_grid=_launched))
     monkeypatch.setattr(functional, "F", SimpleNamespace(grid_sample=_launched, affine_grid=_launched))
 

@@ -13,11 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_warps import AFFINE_2D, AFFINE_3D, PERSPECTIVE, TPS, Shape, make_case, run_warp
 
 import stn_triton
 import stn_triton.functional as functional
 from conftest import DEVICE, assert_close_scaled, reference_grid_sample
-from test_warps import AFFINE_2D, AFFINE_3D, PERSPECTIVE, TPS, Shape, make_case, run_warp
 
 SAMPLING_FUNCTIONS = (
     "affine_grid_sample",
@@ -41,7 +41,7 @@ def no_launch(monkeypatch):
     """Replace the warp launchers and the fallback's sampling functions by a stub."""
     monkeypatch.setattr(functional, "_warp_op", SimpleNamespace(**{name: _launched for name in SAMPLING_FUNCTIONS}))
     for name in SAMPLING_FUNCTIONS:
-        monkeypatch.setattr(functional.reference, name, _launched)
+        monkeypatch.setattr(functional.fallback, name, _launched)
 
 
 def t(*shape, dtype=torch.float32, requires_grad=False):

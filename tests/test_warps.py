@@ -2,7 +2,7 @@
 unfused references: the sampling grid built in memory, then ``F.grid_sample``.
 
 The affine reference is PyTorch's ``F.affine_grid``; the projective and thin-plate-spline grids are
-built here, independently of ``stn_triton.reference`` (the spline is solved through an explicit
+built here, independently of ``stn_triton.fallback`` (the spline is solved through an explicit
 inverse of its (K + 3)-square system in float64). Every reference is differentiable, so gradients
 of the input and of the transform parameters are compared with autograd through it.
 """

@@ -1,24 +1,16 @@
-"""Host-side helpers shared by the op launchers: strides by name, memory formats, index widths, sizes.
+"""Host-side helpers shared by the op launchers: strides by name, memory formats, index widths, SMs.
 
-Everything here runs on every call, so it is plain integer arithmetic (``triton.cdiv`` and
-``triton.next_power_of_2`` are Triton function objects, several times slower to call).
+Everything here runs on every call, so it stays plain Python on sizes and strides.
 """
 
 import functools
 
 import torch
 
-INT32_LIMIT = 2**31 - 1
+from stn_triton.numerics import INT32_LIMIT
+
 # Under the interpreter, work splits as on an H100 (132 SMs), so the CPU tests take the GPU's paths.
 INTERPRETER_MULTIPROCESSORS = 132
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 @functools.cache
@@ -83,8 +75,3 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
         if t.numel() > INT32_LIMIT or extent >= INT32_LIMIT:
             return True
     return False
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The arithmetic dtype of a tensor dtype: float64 stays, everything else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -5,8 +5,9 @@ import triton
 from torch.library import triton_op
 
 from stn_triton.kernels.affine_grid import _affine_grid_bwd_kernel, _affine_grid_kernel
+from stn_triton.numerics import cdiv, compute_dtype
 from stn_triton.ops._dispatch import call, eager_function
-from stn_triton.ops._launch import cdiv, compute_dtype, grid_strides
+from stn_triton.ops._launch import grid_strides
 from stn_triton.tuning import TunedKernel, bucket, pixel_block_configs
 
 

@@ -33,6 +33,7 @@ import triton
 from torch.library import triton_op
 
 from stn_triton.backend import interpreting
+from stn_triton.conv_shape import DeformConvShape
 from stn_triton.kernels.deform_conv import (
     _deform_conv_bwd_data_kernel,
     _deform_conv_bwd_sorted_kernel,
@@ -40,108 +41,11 @@ from stn_triton.kernels.deform_conv import (
     _deform_conv_fwd_kernel,
     _deform_conv_taps_kernel,
 )
+from stn_triton.numerics import INT32_LIMIT, cdiv, compute_dtype, next_power_of_2
 from stn_triton.ops._dispatch import call as dispatch
 from stn_triton.ops._dispatch import eager_function
-from stn_triton.ops._launch import (
-    INT32_LIMIT,
-    cdiv,
-    channels_last,
-    compute_dtype,
-    empty_like_layout,
-    multiprocessors,
-    needs_int64,
-    next_power_of_2,
-)
+from stn_triton.ops._launch import channels_last, empty_like_layout, multiprocessors, needs_int64
 from stn_triton.tuning import TunedKernel, bucket
-
-# --- shapes -------------------------------------------------------------------------------------
-
-
-def output_size(h: int, w: int, kh: int, kw: int, stride, padding, dilation) -> tuple[int, int]:
-    """(HO, WO) of a convolution."""
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return ho, wo
-
-
-class DeformConvShape(NamedTuple):
-    """The sizes of one deform_conv2d: input [batch, channels, height, width], weight
-    [out_channels, channels / groups, kernel_h, kernel_w], offsets [batch, 2 offset_groups taps,
-    out_h, out_w]."""
-
-    batch: int
-    channels: int
-    height: int
-    width: int
-    out_channels: int
-    kernel_h: int
-    kernel_w: int
-    groups: int
-    offset_groups: int
-    out_h: int
-    out_w: int
-
-    @classmethod
-    def of(cls, input_shape, offset_shape, weight_shape, stride, padding, dilation) -> "DeformConvShape":
-        """The shape of a call with 4-D input, offset and weight; a ValueError naming the argument
-        when their sizes do not fit together (stride, padding, dilation: valid pairs)."""
-        n, c, h, w = input_shape
-        c_out, c_per_group, kh, kw = weight_shape
-        if c_per_group == 0 or c % c_per_group != 0:
-            raise ValueError(
-                f"weight.shape[1] ({c_per_group}) must divide input's {c} channels, got weight of shape {tuple(weight_shape)}"
-            )
-        groups = c // c_per_group
-        if c_out % groups != 0:
-            raise ValueError(f"weight's {c_out} output channels must be divisible by groups = {groups}")
-        out_h, out_w = output_size(h, w, kh, kw, stride, padding, dilation)
-        if out_h <= 0 or out_w <= 0:
-            raise ValueError(f"the output would be empty: input {tuple(input_shape)}, kernel {kh}x{kw}, stride {stride}, "
-                             f"padding {padding}, dilation {dilation}")
-        taps = kh * kw
-        if taps == 0 or offset_shape[1] == 0 or offset_shape[1] % (2 * taps) != 0:
-            raise ValueError(
-                f"offset must have 2 * offset_groups * {taps} channels for a {kh}x{kw} kernel, got {offset_shape[1]}"
-            )
-        offset_groups = offset_shape[1] // (2 * taps)
-        if c % offset_groups != 0:
-            raise ValueError(f"offset's {offset_groups} offset groups must divide input's {c} channels")
-        if tuple(offset_shape[2:]) != (out_h, out_w):
-            raise ValueError(f"offset must have the output's spatial size {(out_h, out_w)}, got {tuple(offset_shape[2:])}")
-        return cls(n, c, h, w, c_out, kh, kw, groups, offset_groups, out_h, out_w)
-
-    @property
-    def taps(self) -> int:
-        return self.kernel_h * self.kernel_w
-
-    @property
-    def group_channels(self) -> int:
-        """Input channels per convolution group (CG)."""
-        return self.channels // self.groups
-
-    @property
-    def group_out_channels(self) -> int:
-        """Output channels per convolution group (COG)."""
-        return self.out_channels // self.groups
-
-    @property
-    def offset_group_channels(self) -> int:
-        """Input channels per offset group (CPG)."""
-        return self.channels // self.offset_groups
-
-    @property
-    def pixels(self) -> int:
-        """Output pixels per image (P)."""
-        return self.out_h * self.out_w
-
-    @property
-    def rows(self) -> int:
-        """Rows of the implicit GEMM: every output pixel of the batch."""
-        return self.batch * self.pixels
-
-    def mask_shape(self) -> tuple[int, int, int, int]:
-        return self.batch, self.offset_groups * self.taps, self.out_h, self.out_w
-
 
 # --- precision and layout -----------------------------------------------------------------------
 

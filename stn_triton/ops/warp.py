@@ -11,7 +11,7 @@ import torch
 
 from stn_triton.geometry import affine_to_homography, normalized_inverse_map, tps_coefficients
 from stn_triton.kernels.codes import AFFINE, PROJECTIVE, TPS
-from stn_triton.ops.grid_sample import sample
+from stn_triton.ops.sample import sample
 
 
 def affine_grid_sample(input, theta, spatial, mode, padding_mode, align_corners, out_dtype) -> torch.Tensor:

@@ -27,18 +27,16 @@ import triton
 from torch.library import triton_op
 
 from stn_triton.kernels import codes
-from stn_triton.kernels.grid_sample import _sample_bwd_sorted_kernel, _sample_kernel
+from stn_triton.kernels.sample import _sample_bwd_sorted_kernel, _sample_kernel
+from stn_triton.numerics import cdiv, compute_dtype, next_power_of_2
 from stn_triton.ops._dispatch import call, eager_function
 from stn_triton.ops._launch import (
-    cdiv,
     channels_last,
-    compute_dtype,
     empty_like_layout,
     grid_strides,
     multiprocessors,
     named_strides,
     needs_int64,
-    next_power_of_2,
     spatial_size,
 )
 from stn_triton.tuning import TunedKernel, bucket

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from stn_triton.geometry import affine_to_homography, normalized_inverse_map, tps_coefficients, tps_radial
 
-
 # Normalized coordinates beyond this are replaced by it (NaN by its negative): far outside any
 # image, yet small enough that F.grid_sample's CPU index arithmetic cannot overflow on them.
 COORD_LIMIT = 1.0e4
