@@ -34,7 +34,6 @@ from stn_triton.kernels.sampling import (
     ZEROS,
     as_index,
     keep_indexable,
-    run_starts,
     tap,
     to_compute,
 )
@@ -291,10 +290,11 @@ def _deform_conv_bwd_weight_kernel(
     gy_ptr,  # [N, COUT, HO, WO] gradient of the output
     x_ptr, off_ptr, mask_ptr,  # as in the forward
     gw_ptr,  # [SPLITS, COUT, CG, KH, KW] contiguous out: each split's sum, in the compute dtype
+    gb_ptr,  # [SPLITS, COUT] contiguous out: each split's sum of grad_y over its pixels (BIAS_GRAD)
     P,  # HO * WO output pixels per image
-    P_PAD,  # P rounded up to a multiple of 128: the rows of an image in the padded row space
+    P_PAD,  # P rounded up to a multiple of the host's ROW_ALIGN: the rows of an image in the padded row space
     ROWS,  # N * P_PAD
-    ROWS_PER_SPLIT,  # padded rows each split sums, a multiple of 128
+    ROWS_PER_SPLIT,  # padded rows each split sums, a multiple of ROW_ALIGN
     H, W, WO, KW, K, COUT, CG, COG, CPG,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
@@ -303,7 +303,8 @@ def _deform_conv_bwd_weight_kernel(
     sgy_n, sgy_c, sgy_p,
     HAS_MASK: tl.constexpr, F64: tl.constexpr, LOW_PRECISION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     INDEX_64: tl.constexpr, CHANNELS_FASTEST: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # 32, 64 or 128: a divisor of 128, so no block of rows straddles two images
+    BIAS_GRAD: tl.constexpr,  # also sum grad_y over the pixels (the bias gradient) from the tiles read anyway
+    BLOCK_M: tl.constexpr,  # a divisor of the host's ROW_ALIGN, so no block of rows straddles two images
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_weight[co, c, k] = sum over pixels of grad_y[m, co] * sample[m, c, k]: an implicit GEMM
@@ -313,7 +314,8 @@ def _deform_conv_bwd_weight_kernel(
     rows of the padded row space (each image's pixels padded to P_PAD rows), so that a small weight
     still gets enough programs to fill the GPU. Each program owns one [BLOCK_N, BLOCK_K] tile of one
     tap and one range, sums it in order and stores it; the host adds the splits in order: no
-    atomics, the same bits on every run.
+    atomics, the same bits on every run. The programs of the first input-channel tile and the first
+    tap also sum their grad_y tiles over the pixels: the bias gradient without another read of grad_y.
     """
     group, co, co_mask = output_channels(tl.program_id(0), COG, BLOCK_N)
     cl = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -326,6 +328,7 @@ def _deform_conv_bwd_weight_kernel(
     start = split * ROWS_PER_SPLIT
     end = tl.minimum(start + ROWS_PER_SPLIT, ROWS)
     acc = to_compute(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), F64)
+    bias_acc = to_compute(tl.zeros([BLOCK_N], dtype=tl.float32), F64)
     for r0 in range(start, end, BLOCK_M):
         n = r0 // P_PAD
         p = r0 % P_PAD + tl.arange(0, BLOCK_M)
@@ -353,24 +356,32 @@ def _deform_conv_bwd_weight_kernel(
                 b += (weight * modulation)[:, None] * to_compute(value, F64)
         gy_tile = (gy_ptr + n * sgy_n + p * sgy_p)[None, :] + (as_index(co, INDEX_64) * sgy_c)[:, None]
         gy = tl.load(gy_tile, mask=co_mask[:, None] & row_mask[None, :], other=0.0)
+        if BIAS_GRAD:
+            bias_acc += tl.sum(to_compute(gy, F64), axis=1)
         a = gemm_operand(to_compute(gy, F64), LOW_PRECISION, gy_ptr.dtype.element_ty)
         b = gemm_operand(b, LOW_PRECISION, gy_ptr.dtype.element_ty)
         acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     gw = gw_ptr + ((split * COUT + co)[:, None] * CG + cl[None, :]) * K + k
     tl.store(gw, acc, mask=co_mask[:, None] & c_mask[None, :])
+    if BIAS_GRAD:
+        if (tl.program_id(1) == 0) & (k == 0):
+            tl.store(gb_ptr + split * COUT + co, bias_acc, mask=co_mask)
 
 
 @triton.jit(do_not_specialize=SIZES + ["P", "G"])
 def _deform_conv_taps_kernel(
     off_ptr,  # [N, 2 * G * K, HO, WO] offsets
-    key_ptr,  # [N * HO * WO, G, K, 4] int64 out: ((n G + g) H + y) W + x of each corner read, -1 where it misses
+    key_ptr,  # [N * HO * WO, G, K, 4] int64 out: offset in grad_input (sgx_*) of each corner read, -1 where it misses
     weight_ptr,  # [N * HO * WO, G, K, 4] out: the corner's bilinear weight
-    P, H, W, WO, KW, K, G,
+    source_ptr,  # [N * HO * WO, G, K] int64 out: offset of the read's channels in the column gradient [M, K, C]
+    P, C, H, W, WO, KW, K, G, CPG,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     so_n, so_c, so_p,
+    sgx_n, sgx_c, sgx_h, sgx_w,  # grad_input strides
     F64: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """List every input pixel each (output pixel, offset group, tap) reads, for the sorted backward."""
+    """List every input pixel each (output pixel, offset group, tap) reads, for the sorted backward
+    (kernels/sorted_scatter.py): where its gradient goes, with which weight, from which columns."""
     n, p, row_mask = image_pixels(tl.program_id(0), P, BLOCK_M, True)
     oy = p // WO
     ox = p % WO
@@ -380,51 +391,12 @@ def _deform_conv_taps_kernel(
     dy = to_compute(tl.load(off, mask=row_mask, other=0.0), F64)
     dx = to_compute(tl.load(off + so_c, mask=row_mask, other=0.0), F64)
     y, x = tap_position(oy, ox, k, KW, dy, dx, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
-    entry = (((n * P + p) * G + g) * K + k) * 4
+    m = n * P + p
+    read = (m * G + g) * K + k
+    tl.store(source_ptr + read, (m * K + k) * C + g * CPG, mask=row_mask)
+    group_channels = (g * CPG).to(tl.int64) * sgx_c
     for t in tl.static_range(4):
         xi, yi, _, inside, weight, _, _, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
-        key = ((n * G + g) * H + yi) * W + xi
-        tl.store(key_ptr + entry + t, tl.where(inside, key, -1), mask=row_mask)
-        tl.store(weight_ptr + entry + t, weight.to(weight_ptr.dtype.element_ty), mask=row_mask)
-
-
-@triton.jit(do_not_specialize=["E", "C", "H", "W", "K", "G", "CPG"])
-def _deform_conv_bwd_sorted_kernel(
-    col_ptr,  # [N * HO * WO, K, C] modulated column gradient
-    gx_ptr,  # [N, C, H, W] zero-filled gradient of the input, each (pixel, channel) written once
-    sorted_key_ptr,  # [E] keys of _deform_conv_taps_kernel sorted ascending (stable), -1 first
-    order_ptr,  # [E] position of each sorted key in the unsorted list
-    run_end_ptr,  # [E] one past the last position holding the same key
-    weight_ptr,  # [E] corner weights, unsorted
-    E, C, H, W, K, G, CPG,
-    sgx_n, sgx_c, sgx_h, sgx_w,
-    F64: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """grad_input without atomics: the first entry of each run of equal keys sums the run, in order."""
-    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_mask = e < E
-    key = tl.load(sorted_key_ptr + e, mask=e_mask, other=-1)
-    first = run_starts(e, key, tl.load(sorted_key_ptr + e - 1, mask=e_mask & (e > 0), other=-1))
-    run_end = tl.load(run_end_ptr + e, mask=first, other=0)
-    longest = tl.max(tl.where(first, run_end - e, 0), axis=0)
-    safe_key = tl.where(first, key, 0)
-    x = safe_key % W
-    rest = safe_key // W
-    y = rest % H
-    rest = rest // H
-    g = rest % G
-    n = rest // G
-    cl = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c = g[:, None] * CPG + cl[None, :]
-    tile_mask = first[:, None] & (cl < CPG)[None, :]
-    acc = to_compute(tl.zeros([BLOCK_E, BLOCK_C], dtype=tl.float32), F64)
-    for j in range(0, longest):
-        entry_mask = first & (e + j < run_end)
-        entry = tl.load(order_ptr + e + j, mask=entry_mask, other=0)
-        weight = to_compute(tl.load(weight_ptr + entry, mask=entry_mask, other=0.0), F64)
-        k = (entry // 4) % K
-        m = entry // (4 * K * G)
-        column = tl.load(col_ptr + (m * K + k)[:, None] * C + c, mask=entry_mask[:, None] & tile_mask, other=0.0)
-        acc += weight[:, None] * to_compute(column, F64)
-    gx = (gx_ptr + n * sgx_n + y * sgx_h + x * sgx_w)[:, None] + c * sgx_c
-    tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=tile_mask)
+        key = n * sgx_n + yi.to(tl.int64) * sgx_h + xi.to(tl.int64) * sgx_w + group_channels
+        tl.store(key_ptr + read * 4 + t, tl.where(inside, key, -1), mask=row_mask)
+        tl.store(weight_ptr + read * 4 + t, weight.to(weight_ptr.dtype.element_ty), mask=row_mask)

@@ -1,5 +1,5 @@
-"""The sampling kernel: forward, backward and the tap list of the deterministic backward, and the
-atomic-free gather that the deterministic backward ends with.
+"""The sampling kernel: forward, backward and the tap list of the deterministic backward (whose
+atomic-free sum is kernels/sorted_scatter.py's).
 
 The sample points come from a grid in memory (grid_sample) or are computed in the kernel from a
 transform (affine, projective, thin-plate spline: transforms.py), so a fused warp never stores a
@@ -28,9 +28,7 @@ from stn_triton.kernels import codes
 from stn_triton.kernels.sampling import (
     as_index,
     gather,
-    run_starts,
     sample_point,
-    scatter,
     scatter_add,
     tap,
     to_compute,
@@ -87,8 +85,9 @@ def _sample_kernel(
     gout_ptr,  # BACKWARD: gradient of the output, any strides (0 included)
     ginp_ptr,  # BACKWARD, INPUT_GRAD: zero-filled gradient of the input, accumulated atomically
     gcoords_ptr,  # BACKWARD, COORD_GRAD: per split, grad_grid [N, Q, NDIM] or the transform's partial sums
-    key_ptr,  # LIST_TAPS: [N * Q, TAPS] int64 out: n * D*H*W + flat input pixel of each tap, -1 where it misses
+    key_ptr,  # LIST_TAPS: [N * Q, TAPS] int64 out: offset in grad_input (sgi_*) of each tap's pixel, -1 where it misses
     weight_ptr,  # LIST_TAPS: [N * Q, TAPS] out: each tap's weight
+    source_ptr,  # LIST_TAPS: [N * Q] int64 out: offset in grad_output (sgo_*) of each output pixel
     Q,  # D_out * H_out * W_out: output pixels per image
     C, D, H, W,  # channels and input spatial size
     OD, OH, OW,  # output spatial size
@@ -98,8 +97,8 @@ def _sample_kernel(
     si_n, si_c, si_d, si_h, si_w,  # input strides
     s0, s1, s2, s3, s4,  # coords strides: grid (n, d, h, w, k) or parameters (n, row, col)
     so_n, so_c, so_q,  # output strides (image, channel, flat pixel)
-    sgo_n, sgo_c, sgo_d, sgo_h, sgo_w,  # grad_output strides
-    sgi_n, sgi_c, sgi_d, sgi_h, sgi_w,  # grad_input strides
+    sgo_n, sgo_c, sgo_d, sgo_h, sgo_w,  # grad_output strides (BACKWARD, LIST_TAPS)
+    sgi_n, sgi_c, sgi_d, sgi_h, sgi_w,  # grad_input strides (BACKWARD, LIST_TAPS)
     sgc_split,  # COORD_GRAD: elements of gcoords_ptr per channel split
     PASS: tl.constexpr,  # FORWARD, BACKWARD or LIST_TAPS
     TRANSFORM: tl.constexpr,  # GRID, AFFINE, PROJECTIVE or TPS
@@ -177,12 +176,14 @@ def _sample_kernel(
     if PASS == LIST_TAPS:
         # 64-bit: the list has TAPS entries per output pixel, more than any tensor has elements.
         image = n.to(tl.int64)
-        entry = (image * Q + q) * TAPS
+        output = image * Q + q
+        source = image * sgo_n + od.to(tl.int64) * sgo_d + oh.to(tl.int64) * sgo_h + ow.to(tl.int64) * sgo_w
+        tl.store(source_ptr + output, source, mask=p_mask)
         for t in tl.static_range(TAPS):
             xi, yi, zi, inside, weight, _, _, _ = tap(t, x, y, z, W, H, D, MODE, PADDING, ALIGN_CORNERS, NDIM)
-            flat = ((image * D + zi) * H + yi) * W + xi
-            tl.store(key_ptr + entry + t, tl.where(inside, flat, -1), mask=p_mask)
-            tl.store(weight_ptr + entry + t, weight.to(weight_ptr.dtype.element_ty), mask=p_mask)
+            key = image * sgi_n + zi.to(tl.int64) * sgi_d + yi.to(tl.int64) * sgi_h + xi.to(tl.int64) * sgi_w
+            tl.store(key_ptr + output * TAPS + t, tl.where(inside, key, -1), mask=p_mask)
+            tl.store(weight_ptr + output * TAPS + t, weight.to(weight_ptr.dtype.element_ty), mask=p_mask)
     else:
         c_begin, c_end = program_channels(C, SPLITS, BLOCK_C)
         inp_image = inp_ptr + n * si_n
@@ -248,44 +249,3 @@ def _sample_kernel(
                     gcoords_ptr + tl.program_id(1) * sgc_split, n * PARTIALS + block, n, q, Q, p_mask,
                     gx, gy, gz, nx, ny, bx, by, bz, den, ctrl_ptr, K, TRANSFORM, NDIM, F64,
                 )
-
-
-@triton.jit(do_not_specialize=["E", "C", "D", "H", "W", "OD", "OH", "OW"])
-def _sample_bwd_sorted_kernel(
-    gout_ptr,  # [N, C, D_out, H_out, W_out] gradient of the output
-    ginp_ptr,  # [N, C, D_in, H_in, W_in] zero-filled gradient of the input, each pixel written once
-    sorted_key_ptr,  # [E] tap keys sorted ascending (stable), -1 first
-    order_ptr,  # [E] position of each sorted key in the unsorted [N * Q, TAPS] list
-    run_end_ptr,  # [E] one past the last position holding the same key
-    weight_ptr,  # [N * Q, TAPS] tap weights
-    E, C, D, H, W, OD, OH, OW,
-    sgo_n, sgo_c, sgo_d, sgo_h, sgo_w,  # grad_output strides
-    sgi_n, sgi_c, sgi_d, sgi_h, sgi_w,  # grad_input strides
-    TAPS: tl.constexpr, F64: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
-    EVEN_C: tl.constexpr,  # C is whole BLOCK_C steps: no channel mask (vector access along C)
-):
-    """grad_input without atomics: the first entry of each run of equal keys sums the run, in order.
-
-    The order of the sorted list is fixed by the stable sort, so the sums are bitwise reproducible.
-    Tiles are [BLOCK_C, BLOCK_E], entries last, for the reason the module docstring gives.
-    """
-    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_mask = e < E
-    key = tl.load(sorted_key_ptr + e, mask=e_mask, other=-1)
-    first = run_starts(e, key, tl.load(sorted_key_ptr + e - 1, mask=e_mask & (e > 0), other=-1))
-    run_end = tl.load(run_end_ptr + e, mask=first, other=0)
-    longest = tl.max(tl.where(first, run_end - e, 0), axis=0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = (c < C) | EVEN_C
-    acc = to_compute(tl.zeros([BLOCK_C, BLOCK_E], dtype=tl.float32), F64)
-    for j in range(0, longest):
-        entry_mask = first & (e + j < run_end)
-        entry = tl.load(order_ptr + e + j, mask=entry_mask, other=0)
-        weight = to_compute(tl.load(weight_ptr + entry, mask=entry_mask, other=0.0), F64)
-        n, od, oh, ow = unravel_pixel(entry // TAPS, OD, OH, OW)
-        gout_pix = gout_ptr + n * sgo_n + od * sgo_d + oh * sgo_h + ow * sgo_w
-        gout = gather(c * sgo_c, gout_pix, c_mask[:, None] & entry_mask[None, :])
-        acc += to_compute(gout, F64) * weight[None, :]
-    n, zi, yi, xi = unravel_pixel(tl.where(first, key, 0), D, H, W)
-    ginp_pix = ginp_ptr + n * sgi_n + zi * sgi_d + yi * sgi_h + xi * sgi_w
-    scatter(c * sgi_c, ginp_pix, acc.to(ginp_ptr.dtype.element_ty), c_mask[:, None] & first[None, :])

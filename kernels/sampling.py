@@ -272,21 +272,6 @@ def tap(
 
 
 @triton.jit
-def run_starts(e, key, previous):
-    """Which positions e of a stably sorted list of tap keys start a run of equal keys.
-
-    The deterministic backward gathers instead of scattering: the first position of each run
-    (one target pixel; -1 marks taps that miss, and masked positions load as -1) sums the run in
-    its fixed order. ``previous`` is the key at e - 1 (-1 at e = 0).
-
-    The kernels load ``key``, ``previous`` and the run ends themselves: torch.compile's mutation
-    analysis counts a pointer passed to a helper as written when the helper's result addresses a
-    store, so loads that feed store addresses stay in the kernel body.
-    """
-    return (key >= 0) & ((key != previous) | (e == 0))
-
-
-@triton.jit
 def gather(channels, pixels, mask):
     """Load ``[C, P]`` values at ``channels[:, None] + pixels[None, :]``, 0 where ``mask`` [C, P] is
     False, with a warp along the pixels when no address is known contiguous. One of ``channels`` [C]

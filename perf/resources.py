@@ -6,8 +6,9 @@ Usage::
     python perf/resources.py --kernel deform_conv_fwd --jobs 2
 
 Each config of each tuned kernel's space (``stn_triton.tuning.REGISTRY``) is compiled through
-Triton's real pipeline for sm_90 at the variants the perf suite launches (dtypes, modes,
-transforms), and ``ptxas -v`` reports the registers per thread, the spill stores and loads, and
+Triton's real pipeline for sm_90 at the variants the perf suite launches (``VARIANT_CASES``: the
+suite's cases at their shapes, run on CPU tensors with their launches captured, so every argument,
+stride and dtype is the real launch's and specialized as Triton specializes it), and ``ptxas -v`` reports the registers per thread, the spill stores and loads, and
 Triton the shared memory per program. From those and the sm_90 limits (65536 registers,
 64 warps, 228 KiB of shared memory per SM; registers allocated per warp in units of 256) the
 CSV also gives the programs per SM and the share of the SM's warps they keep busy. These are
@@ -33,6 +34,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compiling needs the real pipeline (b
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # the resource usage of the cubin Triton itself builds
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as a launch compiles (and no warning about it)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -43,111 +45,103 @@ COLUMNS = ["kernel", "variant", "config", "num_warps", "num_stages", "registers"
 
 SM90 = dict(registers=65536, warps=64, shared=228 * 1024, programs=32, register_unit=256)
 
-# The variants the perf suite launches, per kernel: (label, pointer dtypes, constexprs, ints).
-# Pointers not named are float32 and taken 16-byte aligned (torch's allocations are); BLOCK_* of
-# the config are added per config. ``ints`` are the integer arguments of a real launch at the
-# suite's shape: each is specialized as Triton specializes it at that launch (1 becomes a
-# constant, a multiple of 16 is marked so, unless the kernel lists it in do_not_specialize). The
-# strides equal to 1 decide which way a warp's threads run and whether accesses vectorize.
+# The variants compiled: the real launches of the perf suite's cases at their shapes (captured on the
+# CPU, stn_triton.tuning.captured_launches), so no copy of any launch's arguments is kept here.
+# (case id, dtype, layout, passes, deterministic, the deform_conv2d gather layout, TF32 allowed).
+VARIANT_CASES = [
+    ("affine2d_c3", torch.float32, "nchw", ("fwd",), False, None, False),
+    ("grid2d_c64", torch.float32, "nchw", ("fwd",), False, None, False),
+    ("grid2d_c64", torch.bfloat16, "nchw", ("fwd", "fwd+bwd"), False, None, False),
+    ("grid2d_c64", torch.float32, "nhwc", ("fwd",), False, None, False),
+    ("grid2d_c3_bicubic", torch.float32, "nchw", ("fwd",), False, None, False),
+    ("affine3d_c4", torch.float32, "nchw", ("fwd", "fwd+bwd"), False, None, False),
+    ("tps_text", torch.float32, "nchw", ("fwd",), False, None, False),
+    ("affine2d_c64", torch.float32, "nchw", ("fwd+bwd",), False, None, False),
+    ("affine2d_c64", torch.float32, "nhwc", ("fwd+bwd",), False, None, False),
+    ("grid2d_c64_det", torch.float32, "nchw", ("fwd+bwd",), True, None, False),
+    ("affine_grid_c3", torch.float32, "nchw", ("fwd+bwd",), False, None, False),
+    ("dcn_r50", torch.float32, "nchw", ("fwd+bwd",), False, None, False),
+    ("dcn_r50", torch.float32, "nchw", ("fwd",), False, None, True),
+    ("dcn_r50", torch.float16, "nchw", ("fwd",), False, None, False),
+    ("dcn_r50", torch.bfloat16, "nchw", ("fwd+bwd",), False, None, False),
+    ("dcn_r50", torch.float32, "nchw", ("fwd+bwd",), False, "input", False),
+    ("dcn_r50", torch.float32, "nchw", ("fwd+bwd",), True, None, False),
+]
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+_POINTER_TYPES = {**_DTYPE_NAMES, torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
+                  torch.uint8: "u8", torch.bool: "i1"}
 
 
-def _image_strides(prefix: str, n: int, c: int, spatial: tuple, layout: str) -> dict:
-    """(n, c, d, h, w) strides of a dense [N, C, D, H, W] tensor (D = 1 for 4-D) in ``layout``."""
-    d, h, w = spatial if len(spatial) == 3 else (1, *spatial)
-    if layout == "nhwc":
-        strides = (d * h * w * c, 1, h * w * c if len(spatial) == 3 else 0, w * c, c)
-    else:
-        strides = (c * d * h * w, d * h * w, h * w if len(spatial) == 3 else 0, w, 1)
-    return dict(zip((f"{prefix}_n", f"{prefix}_c", f"{prefix}_d", f"{prefix}_h", f"{prefix}_w"), strides))
+def specialization(kernel, arguments: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a launch of ``kernel`` with ``arguments``, as Triton specializes
+    it: pointers typed by dtype and marked 16-byte aligned when they are, an int of 1 a constant and a
+    multiple of 16 marked so (unless the kernel lists it in do_not_specialize). Meta-parameters the
+    config sets (BLOCK_*) are left out of ``constexprs``; ``measure`` adds them per config."""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(kernel.params):
+        name = param.name
+        value = arguments.get(name)
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            if name in arguments:
+                constexprs[name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _POINTER_TYPES[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, int) and value == 1 and not param.do_not_specialize:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0 and not param.do_not_specialize:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
 
 
-def _sample_ints(n: int, c: int, size: tuple, layout: str, transform: int, k: int = 0) -> dict:
-    """The sampling kernel's integer arguments for input and output [N, C, *size] in ``layout``."""
-    nd = len(size)
-    d, h, w = size if nd == 3 else (1, *size)
-    q = d * h * w
-    if transform == 0:  # a contiguous grid [N, *size, nd]
-        coords = dict(s0=q * nd, s1=h * w * nd if nd == 3 else 0, s2=w * nd, s3=nd, s4=1)
-    else:  # parameters [N, rows, cols]
-        rows, cols = (k + 3, 2) if transform == 3 else (3, 3) if transform == 2 else (nd, nd + 1)
-        coords = dict(s0=rows * cols, s1=cols, s2=1, s3=0, s4=0)
-    image = _image_strides("si", n, c, size, layout)
-    return dict(Q=q, C=c, D=d, H=h, W=w, OD=d, OH=h, OW=w, K=k, PARTIALS=q // 16, SPLITS=1, **coords, **image,
-                so_n=image["si_n"], so_c=image["si_c"], so_q=image["si_w"], **_image_strides("sgo", n, c, size, layout),
-                **_image_strides("sgi", n, c, size, layout), sgc_split=n * q * nd)
+def _run_case(case, dtype, layout: str, pass_: str) -> None:
+    """One pass of ``case``'s ours at its real shape on CPU tensors (its launches captured, not run)."""
+    inputs = case.make_inputs(case.shape, dtype, torch.device("cpu"), layout, torch.Generator().manual_seed(0))
+    backward = pass_ != "fwd"
+    leaves = {name: t.requires_grad_(backward and name in case.grad_inputs) if t.is_floating_point() else t
+              for name, t in inputs.items()}
+    out = case.ours(**leaves)
+    if backward:
+        out.backward(torch.ones_like(out))
 
 
-def _dcn_ints(n: int, c: int, side: int, channels_fastest: bool, k: int = 9) -> dict:
-    """The deform_conv kernels' integer arguments at a 3x3, stride 1, padding 1, C -> C convolution."""
-    p = side * side
-    x = _image_strides("sx", n, c, (side, side), "nhwc" if channels_fastest else "nchw")
-    return dict(P=p, C=c, H=side, W=side, WO=side, KW=3, K=k, G=1, COUT=c, CG=c, COG=c, CPG=c, E=n * p * k * 4,
-                P_PAD=-(-p // 128) * 128, ROWS=n * -(-p // 128) * 128, ROWS_PER_SPLIT=4096,
-                stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1,
-                **{key: value for key, value in x.items() if key != "sx_d"},
-                so_n=2 * k * p, so_c=p, so_p=1, sm_n=k * p, sm_c=p, sm_p=1, sw_o=c * k, sw_i=1, sw_h=3 * c, sw_w=c,
-                sy_n=c * p, sy_c=p, sy_p=1, sgy_n=c * p, sgy_c=p, sgy_p=1,
-                **{f"sgx{key[2:]}": value for key, value in x.items() if key != "sx_d"})
+def variants(kernels=None) -> dict[str, list[tuple]]:
+    """{kernel name: [(label, signature, constexprs, attrs)]}: every distinct launch of VARIANT_CASES
+    (``kernels``: of only these)."""
+    from cases import CASES
+    from stn_triton import tuning
+    from stn_triton.ops import deform_conv_policy
 
+    by_id = {case.case: case.at(case.shape) for case in CASES}
+    found: dict[str, dict] = {}
+    for case_id, dtype, layout, passes, deterministic, gather, tf32 in VARIANT_CASES:
+        label = "-".join([case_id.removesuffix("_det"), _DTYPE_NAMES[dtype], layout] + ["det"] * deterministic
+                         + [f"{gather}-gather"] * (gather is not None) + ["tf32"] * tf32)
+        previous_layout, previous_tf32 = deform_conv_policy.gather_layout(), torch.backends.cuda.matmul.allow_tf32
+        torch.use_deterministic_algorithms(deterministic)
+        deform_conv_policy.set_gather_layout(gather or previous_layout)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            with tuning.captured_launches() as launches:
+                for pass_ in passes:
+                    _run_case(by_id[case_id], dtype, layout, pass_)
+        finally:
+            torch.use_deterministic_algorithms(False)
+            deform_conv_policy.set_gather_layout(previous_layout)
+            torch.backends.cuda.matmul.allow_tf32 = previous_tf32
+        for launch, arguments in launches:
+            name = launch.tuned.name
+            if kernels is None or name in kernels:
+                spec = specialization(launch.tuned.kernel, arguments)
+                # One row per distinct specialization: the first case that launches it names it.
+                found.setdefault(name, {}).setdefault(repr(spec), (label, *spec))
+    return {name: list(specs.values()) for name, specs in found.items()}
 
-_SAMPLE = dict(PASS=0, TRANSFORM=0, MODE=0, PADDING=0, FILL=False, ALIGN_CORNERS=False, NDIM=2, TAPS=4, F64=False,
-               INDEX_64=False, INPUT_GRAD=False, COORD_GRAD=False, EVEN_C=True)
-_SAMPLE_BWD = dict(_SAMPLE, PASS=1, INPUT_GRAD=True, COORD_GRAD=True)
-_BF16_SAMPLE = dict(inp_ptr="bf16", coords_ptr="bf16", out_ptr="bf16", gout_ptr="bf16")
-_C64 = {layout: _sample_ints(32, 64, (128, 128), layout, 0) for layout in ("nchw", "nhwc")}
-_AFFINE_C64 = {layout: _sample_ints(32, 64, (128, 128), layout, 1) for layout in ("nchw", "nhwc")}
-_DCN = dict(HAS_MASK=True, F64=False, LOW_PRECISION=False, INPUT_PRECISION="tf32x3", INDEX_64=False,
-            CHANNELS_FASTEST=True)
-_HALF_DCN = dict(_DCN, LOW_PRECISION=True, INPUT_PRECISION="ieee")
-_DCN_DATA = dict(INPUT_GRAD=True, COLUMNS=False, OFFSET_GRAD=True, MASK_GRAD=True)
-_R50 = _dcn_ints(8, 256, 56, True)
-_R50_NCHW = _dcn_ints(8, 256, 56, False)
-_HALF_POINTERS = ("x_ptr", "off_ptr", "mask_ptr", "w_ptr", "b_ptr", "out_ptr", "gy_ptr", "goff_ptr", "gmask_ptr")
-VARIANTS = {
-    "sample_fwd": [
-        ("affine2d-c3-fp32-nchw", {}, dict(_SAMPLE, TRANSFORM=1, EVEN_C=False), _sample_ints(64, 3, (224, 224), "nchw", 1)),
-        ("grid2d-c64-fp32-nchw", {}, _SAMPLE, _C64["nchw"]),
-        ("grid2d-c64-bf16-nchw", _BF16_SAMPLE, _SAMPLE, _C64["nchw"]),
-        ("grid2d-c64-fp32-nhwc", {}, _SAMPLE, _C64["nhwc"]),
-        ("grid2d-c3-bicubic-fp32-nchw", {}, dict(_SAMPLE, MODE=2, TAPS=16, EVEN_C=False),
-         _sample_ints(64, 3, (224, 224), "nchw", 0)),
-        ("affine3d-c4-fp32-nchw", {}, dict(_SAMPLE, TRANSFORM=1, NDIM=3, TAPS=8), _sample_ints(4, 4, (64, 64, 64), "nchw", 1)),
-        ("tps-c3-fp32-nchw", {}, dict(_SAMPLE, TRANSFORM=3, EVEN_C=False), _sample_ints(256, 3, (32, 100), "nchw", 3, 20)),
-    ],
-    "sample_bwd": [
-        ("affine2d-c64-fp32-nchw", {}, dict(_SAMPLE_BWD, TRANSFORM=1), _AFFINE_C64["nchw"]),
-        ("affine2d-c64-fp32-nhwc", {}, dict(_SAMPLE_BWD, TRANSFORM=1), _AFFINE_C64["nhwc"]),
-        ("grid2d-c64-bf16-nchw", dict(_BF16_SAMPLE, ginp_ptr="fp32"), _SAMPLE_BWD, _C64["nchw"]),
-        ("affine3d-c4-fp32-nchw", {}, dict(_SAMPLE_BWD, TRANSFORM=1, NDIM=3, TAPS=8),
-         _sample_ints(4, 4, (64, 64, 64), "nchw", 1)),
-    ],
-    "sample_taps": [("affine2d-fp32", dict(key_ptr="i64"), dict(_SAMPLE, PASS=2, TRANSFORM=1), _AFFINE_C64["nchw"])],
-    "sample_bwd_sorted": [
-        ("c64-fp32-nchw", dict(sorted_key_ptr="i64", order_ptr="i64", run_end_ptr="i64"),
-         dict(TAPS=4, F64=False, EVEN_C=True), dict(_C64["nchw"], E=32 * 128 * 128 * 4)),
-    ],
-    "affine_grid": [("2d-fp32", {}, dict(ALIGN_CORNERS=False, NDIM=2, F64=False), {})],
-    "affine_grid_bwd": [("2d-fp32", {}, dict(ALIGN_CORNERS=False, NDIM=2, F64=False), {})],
-    "deform_conv_fwd": [
-        ("r50-tf32x3", {}, dict(_DCN, HAS_BIAS=True), _R50),
-        ("r50-tf32", {}, dict(_DCN, HAS_BIAS=True, INPUT_PRECISION="tf32"), _R50),
-        ("r50-fp16", dict.fromkeys(_HALF_POINTERS, "fp16"), dict(_HALF_DCN, HAS_BIAS=True), _R50),
-        ("r50-tf32x3-nchw-gather", {}, dict(_DCN, HAS_BIAS=True, CHANNELS_FASTEST=False), _R50_NCHW),
-    ],
-    "deform_conv_bwd_data": [
-        ("r50-tf32x3", {}, dict(_DCN, **_DCN_DATA), _R50),
-        ("r50-bf16", dict(dict.fromkeys(_HALF_POINTERS, "bf16"), gx_ptr="fp32"), dict(_HALF_DCN, **_DCN_DATA), _R50),
-        ("r50-tf32x3-nchw-gather", {}, dict(_DCN, **_DCN_DATA, CHANNELS_FASTEST=False), _R50_NCHW),
-    ],
-    "deform_conv_bwd_weight": [
-        ("r50-tf32x3", {}, _DCN, _R50),
-        ("r50-bf16", dict.fromkeys(_HALF_POINTERS, "bf16"), _HALF_DCN, _R50),
-        ("r50-tf32x3-nchw-gather", {}, dict(_DCN, CHANNELS_FASTEST=False), _R50_NCHW),
-    ],
-    "deform_conv_taps": [("r50-fp32", dict(key_ptr="i64"), dict(F64=False), _R50)],
-    "deform_conv_bwd_sorted": [("r50-fp32", dict(sorted_key_ptr="i64", order_ptr="i64", run_end_ptr="i64"),
-                                dict(F64=False, BLOCK_C=32), _R50)],
-}
 
 _PTXAS_USAGE = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -218,39 +212,28 @@ def _ptxas_path() -> str:
         return compiler.get_ptxas().path
 
 
-def measure(kernel_name: str, variant: tuple, config: triton.Config) -> dict:
-    """Compile one variant at one config for sm_90; its row of the CSV."""
+def compile_for_sm90(kernel, signature: dict, constexprs: dict, attrs: dict, config: triton.Config):
+    """Compile ``kernel`` for sm_90 with a specialization (``specialization``) and a config."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    constexprs = {name: value for name, value in {**constexprs, **config.kwargs}.items() if name in kernel.arg_names}
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    return triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def measure(kernel_name: str, variant: tuple, config: triton.Config) -> dict:
+    """Compile one variant at one config for sm_90; its row of the CSV."""
     import stn_triton  # noqa: F401  (creates the tuned kernels)
     from stn_triton.tuning import REGISTRY
 
-    label, pointers, constexprs, ints = variant
+    label, signature, constexprs, attrs = variant
     kernel = next(tuned.kernel for tuned in REGISTRY if tuned.name == kernel_name)
-    constexprs = {name: value for name, value in {**constexprs, **config.kwargs}.items() if name in kernel.arg_names}
-    signature, attrs = {}, {}
-    for index, param in enumerate(kernel.params):
-        name = param.name
-        value = ints.get(name)
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + pointers.get(name, "fp32")
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif value == 1 and not param.do_not_specialize:
-            signature[name] = "constexpr"
-            constexprs[name] = 1
-        else:
-            signature[name] = "i32"
-            if value is not None and value % 16 == 0 and not param.do_not_specialize:
-                attrs[(index,)] = [["tt.divisibility", 16]]
     row = dict(_identity(kernel_name, label, config), note="")
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):  # Triton prints its own ptxas log (TRITON_DUMP_PTXAS_LOG)
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
-                                  target=GPUTarget("cuda", 90, 32), options=options)
+        compiled = compile_for_sm90(kernel, signature, constexprs, attrs, config)
     if "registers" not in log.getvalue():  # a triton without that log: run ptxas on its PTX
         with tempfile.TemporaryDirectory() as folder:
             ptx = Path(folder) / "kernel.ptx"
@@ -271,15 +254,16 @@ def measure(kernel_name: str, variant: tuple, config: triton.Config) -> dict:
     return row
 
 
-def _jobs(kernels: list[str]) -> list[tuple]:
+def _jobs(kernels: list[str] | None) -> list[tuple]:
     import stn_triton  # noqa: F401
     from stn_triton.tuning import REGISTRY
 
     tuned = {k.name: k for k in REGISTRY}
-    unknown = set(kernels) - set(tuned)
+    unknown = set(kernels or ()) - set(tuned)
     if unknown:
         raise SystemExit(f"unknown kernels {sorted(unknown)}; known: {sorted(tuned)}")
-    return [(name, variant, config) for name in kernels for variant in VARIANTS[name]
+    found = variants(kernels)
+    return [(name, variant, config) for name in sorted(found) for variant in found[name]
             for config in tuned[name].configs]
 
 
@@ -308,11 +292,11 @@ def _ptxas_version() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", action="append", choices=sorted(VARIANTS), help="only these (repeatable)")
+    parser.add_argument("--kernel", action="append", help="only these tuned kernels (repeatable)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV)
     args = parser.parse_args(argv)
-    jobs = _jobs(args.kernel or sorted(VARIANTS))
+    jobs = _jobs(args.kernel)
     rows = []
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         for done, row in enumerate(pool.map(_measure_job, jobs), 1):

@@ -1,5 +1,6 @@
 """Which implementation runs a call: compiled Triton, the Triton interpreter, or plain PyTorch."""
 
+import contextlib
 import os
 
 import torch
@@ -28,6 +29,22 @@ def interpreting() -> bool:
     return INTERPRETING
 
 
+# Set by ``forced``: the backend every call takes, whatever its tensors.
+_forced: str | None = None
+
+
+@contextlib.contextmanager
+def forced(name: str):
+    """Every call in the block takes backend ``name`` (CPU tensors the Triton path, say), so that the
+    launches of real calls can be captured on a machine without a GPU (``tuning.captured_launches``)."""
+    global _forced
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
 def backend(tensor: torch.Tensor) -> str:
     """The implementation a call on ``tensor`` takes.
 
@@ -35,6 +52,8 @@ def backend(tensor: torch.Tensor) -> str:
     while ``TRITON_INTERPRET=1`` (the same kernels, run by Triton's interpreter), and
     ``"torch"`` otherwise (a plain PyTorch implementation).
     """
+    if _forced is not None:
+        return _forced
     if tensor.is_cuda:
         return TRITON
     if tensor.device.type == "cpu" and INTERPRETING:

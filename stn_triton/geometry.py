@@ -6,10 +6,10 @@ Used by the Triton warps (``stn_triton.ops.warp``) and by the plain PyTorch fall
 
 import functools
 import math
-import weakref
 
 import torch
 
+from stn_triton.derived import derived
 from stn_triton.numerics import compute_dtype
 
 
@@ -53,61 +53,57 @@ def tps_solver(control_points: torch.Tensor) -> torch.Tensor:
     system[:k, :k] = tps_radial(((c[:, None, :] - c[None, :, :]) ** 2).sum(-1))
     system[:k, k:] = affine
     system[k:, :k] = affine.T
-    return torch.linalg.inv(system)[:, :k]
-
-
-# id(control points) -> (a weak reference to them, their version, {dtype: solver}): one inversion
-# per control-point set and dtype, for as long as the tensor lives and is not modified in place.
-_solvers: dict[int, tuple[weakref.ref, int, dict]] = {}
+    return torch.linalg.inv_ex(system, check_errors=False).inverse[:, :k]
 
 
 def cached_tps_solver(control_points: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tps_solver`` in ``dtype``, computed once per control-point tensor (and in-place version)."""
-    if torch.compiler.is_compiling():
-        return tps_solver(control_points).to(dtype)
-    key = id(control_points)
-    entry = _solvers.get(key)
-    if entry is None or entry[0]() is not control_points or entry[1] != control_points._version:
-        entry = (weakref.ref(control_points, lambda _, key=key: _solvers.pop(key, None)), control_points._version, {})
-        _solvers[key] = entry
-    solvers = entry[2]
-    if dtype not in solvers:
-        solvers[dtype] = tps_solver(control_points).to(dtype)
-    return solvers[dtype]
+    return derived(control_points, ("tps_solver", dtype), lambda points: tps_solver(points).to(dtype))
 
 
-def tps_coefficients(source_points: torch.Tensor, control_points: torch.Tensor) -> torch.Tensor:
+def tps_coefficients(source_points: torch.Tensor, control_points: torch.Tensor,
+                     solver: torch.Tensor | None = None) -> torch.Tensor:
     """The spline through ``control_points[k] -> source_points[n, k]`` as ``[N, K + 3, 2]``.
 
     Rows 0..K-1 are the radial weights w_k, rows K..K+2 the affine part (a0, a_x, a_y), one column
     per output coordinate; in float32 (float64 for float64), differentiable in the source points.
+    ``solver``: the control points' ``tps_solver`` when the caller keeps it (a module's buffer, so
+    that a compiled graph does not invert the system on every call); else it is cached per tensor.
     """
     dtype = compute_dtype(source_points.dtype)
-    return cached_tps_solver(control_points, dtype) @ source_points.to(dtype)
+    solver = cached_tps_solver(control_points, dtype) if solver is None else solver.to(dtype)
+    return solver @ source_points.to(dtype)
 
 
-def _pixel_to_normalized(height: int, width: int, align_corners: bool, like: torch.Tensor) -> torch.Tensor:
-    """kornia's normal_transform_pixel: ``[3, 3]`` mapping pixel (x, y, 1) to normalized coordinates."""
+def _pixel_to_normalized(height: int, width: int, align_corners: bool) -> tuple[float, float, float, float]:
+    """kornia's normal_transform_pixel as (sx, tx, sy, ty): normalized x = sx * pixel x + tx, y likewise."""
     if align_corners:
         sx, tx = (1.0, 0.0) if width == 1 else (2.0 / (width - 1.0), -1.0)
         sy, ty = (1.0, 0.0) if height == 1 else (2.0 / (height - 1.0), -1.0)
     else:
         sx, tx = 2.0 / width, (1.0 - width) / width
         sy, ty = 2.0 / height, (1.0 - height) / height
-    return torch.tensor([[sx, 0.0, tx], [0.0, sy, ty], [0.0, 0.0, 1.0]], dtype=like.dtype, device=like.device)
+    return sx, tx, sy, ty
 
 
 def normalized_inverse_map(M: torch.Tensor, src_size, dsize, align_corners: bool) -> torch.Tensor:
     """``[B, 3, 3]`` destination-normalized -> source-normalized map of a pixel homography M.
 
-    M ``[B, 3, 3]`` maps source pixels to destination pixels, as kornia's warps take it. Computed
-    in float32 (float64 for float64) with differentiable torch ops.
+    M ``[B, 3, 3]`` maps source pixels to destination pixels, as kornia's warps take it; kornia inverts
+    ``dst_norm @ M @ src_norm^-1``, which is ``src_norm @ M^-1 @ dst_norm^-1``: the two frames are a
+    scale and a shift per axis, applied here as arithmetic on rows and columns, so that nothing is
+    copied from the host. Computed in float32 (float64 for float64) with differentiable torch ops, M
+    inverted without checking for singularity (a check waits for the device): a singular M gives
+    non-finite points, which sample nothing.
     """
-    dtype = compute_dtype(M.dtype)
-    M = M.to(dtype)
-    src_norm = _pixel_to_normalized(*src_size, align_corners, M)
-    dst_norm = _pixel_to_normalized(*dsize, align_corners, M)
-    return torch.linalg.inv(dst_norm @ M @ torch.linalg.inv(src_norm))
+    M = M.to(compute_dtype(M.dtype))
+    inverse = torch.linalg.inv_ex(M, check_errors=False).inverse
+    sx, tx, sy, ty = _pixel_to_normalized(*src_size, align_corners)
+    dx, ux, dy, uy = _pixel_to_normalized(*dsize, align_corners)
+    rows = torch.stack([sx * inverse[:, 0] + tx * inverse[:, 2], sy * inverse[:, 1] + ty * inverse[:, 2],
+                        inverse[:, 2]], dim=1)
+    return torch.stack([rows[:, :, 0] / dx, rows[:, :, 1] / dy,
+                        rows[:, :, 2] - rows[:, :, 0] * (ux / dx) - rows[:, :, 1] * (uy / dy)], dim=2)
 
 
 def affine_to_homography(M: torch.Tensor) -> torch.Tensor:

@@ -8,20 +8,24 @@ calls them (``F.grid_sample(...)``, as kornia and detection libraries do, and to
 ``DeformConv2d.forward``) then runs on the Triton kernels; a name bound earlier
 (``from torch.nn.functional import grid_sample``) keeps the original.
 
-A wrapper calls stn_triton only when it promises the original's result for those arguments: float
-tensors of one dtype on one device that stn_triton runs on its kernels (``backend(t) !=
-"torch"``), shapes and options it supports, an explicit bool ``align_corners``. Anything else
-(PyTorch's ``align_corners=None`` default and its warning, dtype or device mismatches, integer
-or non-Tensor arguments, ``__torch_function__`` subclasses, 5-D bicubic, extra arguments, shapes
-the original rejects, ``torch.func`` transforms, forward-mode AD, ``torch.jit.trace``, autocast
-where the original's autocast policy casts) goes to the original with the same arguments, so its
-errors, warnings and results are the original's. ``torch.jit.script`` compiles the original in
-place of a wrapper, so code scripted during the swap scripts as before (and runs PyTorch's ops).
+A wrapper calls stn_triton only when it promises the original's result for those arguments: the
+call passes stn_triton's own validation (``stn_triton.validation``, the same function the direct
+API raises from), its tensors are on a backend stn_triton runs its kernels on (``backend(t) !=
+"torch"``), and nothing else makes the original behave otherwise. Anything else (PyTorch's
+``align_corners=None`` default and its warning, dtype or device mismatches, integer or non-Tensor
+arguments, ``__torch_function__`` subclasses, 5-D bicubic, extra arguments, shapes the original
+rejects, ``torch.func`` transforms, forward-mode AD, ``torch.jit.trace``, autocast where the
+original's autocast policy differs, such as torchvision's, which casts on CUDA only) goes to the
+original with the same arguments, so its errors, warnings and results are the original's.
+``torch.jit.script`` compiles the original in place of a wrapper, so code scripted during the swap
+scripts as before (and runs PyTorch's ops).
 
-What cannot be decided from the arguments differs: a second derivative through a routed call
-raises (stn_triton has no double backward), and under ``torch.use_deterministic_algorithms(True)``
-a routed CUDA backward is deterministic where PyTorch's raises. On a CPU through Triton's
-interpreter, NaN grid values follow PyTorch's CUDA rules, not its CPU ones (see the README).
+What cannot be decided from the arguments differs: the gradient of a routed call's input gradient
+(a gradient penalty) works, but differentiating the gradient of the grid (or of deform_conv2d's
+offsets) a second time raises, where PyTorch computes it; under
+``torch.use_deterministic_algorithms(True)`` a routed CUDA backward is deterministic where PyTorch's
+raises. On a CPU through Triton's interpreter, NaN grid values follow PyTorch's CUDA rules, not its
+CPU ones (see the README).
 """
 
 import contextlib
@@ -34,10 +38,8 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 from torch.overrides import has_torch_function, has_torch_function_unary, has_torch_function_variadic
 
-from stn_triton import functional
+from stn_triton import functional, validation
 from stn_triton.backend import TORCH, backend
-from stn_triton.conv_shape import output_size
-from stn_triton.numerics import FLOAT_DTYPES
 
 # torchvision's deform_conv2d kernels dispatch float, double and half only: bfloat16 raises there.
 _DEFORM_CONV_DTYPES = (torch.float32, torch.float64, torch.float16)
@@ -60,60 +62,29 @@ def _routes_grid_sample(input, grid, mode, padding_mode, align_corners) -> bool:
     return (
         # A trace records what runs; PyTorch's ops keep it portable (legacy ONNX export included).
         not torch.jit.is_tracing()
-        and isinstance(align_corners, bool)
         and isinstance(input, torch.Tensor)
         and isinstance(grid, torch.Tensor)
         and not has_torch_function_variadic(input, grid)
-        and input.dtype in FLOAT_DTYPES
-        # Inside autocast stn_triton takes mixed dtypes and returns autocast's dtype, as PyTorch does.
-        and (grid.dtype == input.dtype or torch.is_autocast_enabled(input.device.type))
-        and grid.device == input.device
-        and input.dim() in (4, 5)
-        and grid.dim() == input.dim()
-        and grid.shape[-1] == input.dim() - 2
-        and grid.shape[0] == input.shape[0]
-        and 0 not in input.shape[2:]
-        and mode in functional.MODES
-        and (mode != "bicubic" or input.dim() == 4)
-        and padding_mode in functional.PADDING_MODES
+        # Inside autocast stn_triton takes mixed floating dtypes and returns autocast's dtype, as PyTorch does.
+        and validation.grid_sample_problem(input, grid, mode, padding_mode, align_corners) is None
         and backend(input) != TORCH
         and _untransformed()
     )
 
 
 def _routes_affine_grid(theta, size, align_corners) -> bool:
-    """stn_triton.affine_grid returns what F.affine_grid would for these arguments."""
-    if not (
+    """stn_triton.affine_grid returns what F.affine_grid would for these arguments (its warning included)."""
+    return (
         not torch.jit.is_tracing()
-        and isinstance(align_corners, bool)
         and isinstance(theta, torch.Tensor)
         and not has_torch_function_unary(theta)
-        and theta.dtype in FLOAT_DTYPES
+        # F.affine_grid takes a list or tuple of ints (a torch.Size is a tuple)
         and isinstance(size, (list, tuple))
-        and len(size) in (4, 5)
-        and all(type(s) is int and s > 0 for s in size)
-    ):
-        return False
-    nd = len(size) - 2
-    return (
-        theta.dim() == 3
-        and theta.shape[0] == size[0]
-        and theta.shape[1] == nd
-        and theta.shape[2] == nd + 1
-        # F.affine_grid warns about unit-size grids with align_corners=True.
-        and not (align_corners and 1 in size[2:])
+        and all(type(s) is int for s in size)
+        and validation.affine_grid_problem(theta, size, align_corners) is None
         and backend(theta) != TORCH
         and _untransformed()
     )
-
-
-def _int_pair(value) -> tuple[int, int] | None:
-    """``value`` as torchvision's ``_pair`` reads it (an int, or two), or None for anything else."""
-    if type(value) is int:
-        return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(type(v) is int for v in value):
-        return tuple(value)
-    return None
 
 
 def _routes_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask) -> bool:
@@ -123,42 +94,28 @@ def _routes_deform_conv2d(input, offset, weight, bias, stride, padding, dilation
         not torch.jit.is_tracing()
         and all(isinstance(t, torch.Tensor) for t in tensors)
         and not has_torch_function(tensors)
-        # Inside autocast torchvision casts every tensor to float32 (a bfloat16 input included) and its
-        # result to the input's dtype; stn_triton does the same.
-        and (torch.is_autocast_enabled(input.device.type)
-             or (input.dtype in _DEFORM_CONV_DTYPES and all(t.dtype == input.dtype for t in tensors)))
-        and all(t.dtype in FLOAT_DTYPES and t.device == input.device for t in tensors)
-        and input.dim() == 4
-        and offset.dim() == 4
-        and weight.dim() == 4
-    ):
-        return False
-    stride, padding, dilation = _int_pair(stride), _int_pair(padding), _int_pair(dilation)
-    if stride is None or padding is None or dilation is None:
-        return False
-    n, channels, h, w = input.shape
-    out_channels, group_channels, kh, kw = weight.shape
-    if (
-        min(stride) < 1 or min(padding) < 0 or min(dilation) < 1
-        or 0 in (channels, h, w, group_channels, kh, kw)
-        or channels % group_channels != 0
-        or out_channels % (channels // group_channels) != 0
-    ):
-        return False
-    out_h, out_w = output_size(h, w, kh, kw, stride, padding, dilation)
-    taps = kh * kw
-    offset_groups = offset.shape[1] // (2 * taps)
-    return (
-        out_h > 0
-        and out_w > 0
-        and offset_groups > 0
-        and channels % offset_groups == 0
-        and offset.shape == (n, 2 * offset_groups * taps, out_h, out_w)
-        and (mask is None or mask.shape == (n, offset_groups * taps, out_h, out_w))
-        and (bias is None or bias.shape == (out_channels,))
+        # torchvision reads stride, padding and dilation with _pair: ints only (a bool is not one).
+        and all(_int_pair(value) is not None for value in (stride, padding, dilation))
+        and validation.deform_conv2d_problem(input, offset, weight, bias, stride, padding, dilation, mask) is None
         and backend(input) != TORCH
         and _untransformed()
-    )
+    ):
+        return False
+    # torchvision's autocast kernel is registered for CUDA only: inside CUDA autocast it casts every
+    # tensor (a bfloat16 input included) to float32 and its result to the input's dtype, as stn_triton
+    # does. Elsewhere (CPU autocast included) its kernels dispatch float, double and half of one dtype.
+    if input.is_cuda and torch.is_autocast_enabled("cuda"):
+        return True
+    return input.dtype in _DEFORM_CONV_DTYPES and all(t.dtype == input.dtype for t in tensors)
+
+
+def _int_pair(value) -> tuple[int, int] | None:
+    """``value`` as torchvision's ``_pair`` reads it (an int, or two), or None for anything else."""
+    if type(value) is int:
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(type(v) is int for v in value):
+        return tuple(value)
+    return None
 
 
 def _scripts_as(original: Callable, wrapper: Callable) -> Callable:

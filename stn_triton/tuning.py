@@ -10,8 +10,13 @@ tunes the perf suite's shapes and writes the table in one go.
 
 Tables are JSON files named after the GPU (``nvidia-h100-80gb-hbm3.json``): shipped ones in
 ``stn_triton/configs/``, the user's in ``$STN_TRITON_CONFIG_DIR`` (default
-``~/.cache/stn_triton``), which take precedence. Under Triton's interpreter every kernel runs
-one fixed config (timing there would only time numpy).
+``~/.cache/stn_triton``), which take precedence. A table carries a schema version
+(``TABLE_SCHEMA``): one written for another schema is ignored with a warning, and an entry is taken
+only if it is one of its kernel's configs (a config outside the space could break what the
+launcher derives from the space, such as the largest block a buffer is laid out for). Under
+``torch.use_deterministic_algorithms(True)`` launches read the shipped table alone: block sizes fix
+summation orders, and the user's table depends on what that machine happened to tune. Under
+Triton's interpreter every kernel runs one fixed config (timing there would only time numpy).
 """
 
 import contextlib
@@ -20,6 +25,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,15 +33,19 @@ import torch
 import triton
 from torch.library import wrap_triton
 
-from stn_triton.backend import interpreting
+from stn_triton.backend import TRITON, forced, interpreting
 from stn_triton.numerics import next_power_of_2
 
 SHIPPED_TABLES = Path(__file__).parent / "configs"
+# The tables' format: bumped when keys or config spaces change meaning, so old tables are not misread.
+TABLE_SCHEMA = 2
 
 _autotune = os.environ.get("STN_TRITON_AUTOTUNE", "0") == "1"
 # While stn_triton.tune runs: {kernel name: {shape key: config json}} of every autotuned launch,
 # the table entries ignored so that every kernel is timed again, deterministic mode included.
 _recording: dict | None = None
+# While captured_launches() runs: the launches recorded instead of run.
+_capture: list | None = None
 
 
 def set_autotune(enabled: bool) -> None:
@@ -46,6 +56,24 @@ def set_autotune(enabled: bool) -> None:
 
 def autotune_enabled() -> bool:
     return _autotune
+
+
+@contextlib.contextmanager
+def captured_launches():
+    """Record every launch in the block instead of running it: a list of (Launch, kernel arguments).
+
+    CPU tensors take the Triton path (not the plain PyTorch fallback) and every launch takes the
+    config it would take on a GPU without a table (the heuristic's), so the list is what a GPU would
+    run at those shapes; perf/resources.py and the compile tests read the kernels' real arguments
+    from it rather than a copy kept by hand.
+    """
+    global _capture
+    previous, _capture = _capture, []
+    try:
+        with forced(TRITON):
+            yield _capture
+    finally:
+        _capture = previous
 
 
 @contextlib.contextmanager
@@ -89,14 +117,37 @@ def bucket(size: int) -> int:
     return next_power_of_2(int(size))
 
 
-@functools.cache
-def load_table(gpu: str) -> dict:
-    """{kernel: {shape key: config json}} for ``gpu``: the shipped table, overridden by the user's."""
+def _options_key(options: dict) -> tuple:
+    return tuple(sorted(options.items()))
+
+
+def _read_table(path: Path) -> dict:
+    """{kernel: {shape key: launch options}} of one table file: its entries that are configs of their
+    kernel's space (unknown kernels and foreign configs dropped); nothing for another schema."""
+    data = json.loads(path.read_text())
+    if data.get("schema") != TABLE_SCHEMA:
+        warnings.warn(f"stn_triton: ignoring the tuned table {path}: it has table schema {data.get('schema')}, this "
+                      f"version reads schema {TABLE_SCHEMA}; python -m stn_triton.tune writes a new one", stacklevel=3)
+        return {}
+    spaces = {kernel.name: kernel.space for kernel in REGISTRY}
     table: dict = {}
-    for folder in (SHIPPED_TABLES, user_table_dir()):
+    for kernel, entries in data["kernels"].items():
+        for key, entry in entries.items():
+            options = {**entry["kwargs"], "num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
+            if _options_key(options) in spaces.get(kernel, ()):
+                table.setdefault(kernel, {})[key] = options
+    return table
+
+
+@functools.cache
+def load_table(gpu: str, shipped_only: bool = False) -> dict:
+    """{kernel: {shape key: launch options}} for ``gpu``: the shipped table, overridden by the user's
+    unless ``shipped_only``."""
+    table: dict = {}
+    for folder in (SHIPPED_TABLES,) if shipped_only else (SHIPPED_TABLES, user_table_dir()):
         path = folder / f"{gpu}.json"
         if path.is_file():
-            for kernel, entries in json.loads(path.read_text())["kernels"].items():
+            for kernel, entries in _read_table(path).items():
                 table.setdefault(kernel, {}).update(entries)
     return table
 
@@ -110,20 +161,18 @@ def launch_options(config: triton.Config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def lookup(kernel: str, key: str, gpu: str) -> dict | None:
+def lookup(kernel: str, key: str, gpu: str, shipped_only: bool = False) -> dict | None:
     """The launch keywords of ``kernel``'s tuned config for shape ``key`` on ``gpu``, or None."""
-    entry = load_table(gpu).get(kernel, {}).get(key)
-    if entry is None:
-        return None
-    return {**entry["kwargs"], "num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
+    return load_table(gpu, shipped_only).get(kernel, {}).get(key)
 
 
 def merge_into_table(path: Path, gpu: str, entries: dict) -> int:
     """Add {kernel: {shape key: config json}} to the table file at ``path`` (written atomically); returns its size."""
-    kernels = json.loads(path.read_text())["kernels"] if path.is_file() else {}
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    kernels = existing["kernels"] if existing.get("schema") == TABLE_SCHEMA else {}
     for kernel, configs in entries.items():
         kernels.setdefault(kernel, {}).update(configs)
-    header = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__}
+    header = {"schema": TABLE_SCHEMA, "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__}
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as file:
         file.write(json.dumps({**header, "kernels": kernels}, indent=1, sort_keys=True) + "\n")
@@ -166,18 +215,22 @@ class TunedKernel:
         self.heuristic = heuristic
         self.writes = writes
         self.interpreter_options = launch_options(interpreter_config)
+        self.space = {_options_key(launch_options(config)) for config in configs}
         self.autotuned = triton.autotune(configs=configs, key=autotune_key, reset_to_zero=reset_to_zero)(kernel)
         self.timed_key = None  # the table key the autotuner's cached winners were timed for
         REGISTRY.append(self)
 
     def choose(self, key: str, shape: dict, device: torch.device) -> "Launch":
         """How ``kernel`` launches at ``shape`` (its table key ``key``) on ``device``."""
-        if interpreting():
+        if interpreting() and _capture is None:
             return Launch(self, key, device, self.interpreter_options)
-        tuned = lookup(self.name, key, gpu_name(device)) if device.type == "cuda" and _recording is None else None
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        tuned = None
+        if device.type == "cuda" and _recording is None:
+            tuned = lookup(self.name, key, gpu_name(device), shipped_only=deterministic)
         if tuned is not None:
             return Launch(self, key, device, tuned)
-        timed = _recording is not None or (_autotune and not torch.are_deterministic_algorithms_enabled())
+        timed = _capture is None and (_recording is not None or (_autotune and not deterministic))
         if timed and not _tracing():
             return Launch(self, key, device, None)
         return Launch(self, key, device, launch_options(self.heuristic(**shape)))
@@ -206,6 +259,9 @@ class Launch:
 
     def __call__(self, grid, **arguments) -> None:
         """Launch on the tensors' device (not merely the current one), kernel arguments by name."""
+        if _capture is not None:
+            _capture.append((self, arguments))
+            return
         kernel = self.tuned.kernel if self.options is not None else self.tuned.autotuned
         if self.options is None and self.tuned.timed_key != self.key:
             # Triton's autotuner caches a winner per its own key, which lacks parts of the table key

@@ -80,6 +80,16 @@ def sizes(cpu, gpu):
 
 
 def pytest_configure(config):
+    if not ON_GPU:
+        from stn_triton.backend import interpreting
+
+        if not interpreting():
+            raise pytest.UsageError(
+                "Without a GPU the tests run stn_triton's kernels in Triton's interpreter, but it is off "
+                f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}, or Triton was imported before it was "
+                "set): almost every test would compare the plain-PyTorch fallback with PyTorch. Unset "
+                "TRITON_INTERPRET or set it to 1."
+            )
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
     config.addinivalue_line(
         "markers",

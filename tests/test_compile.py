@@ -103,7 +103,8 @@ def test_opcheck_affine_grid_ops():
 
     _, _, theta = _sample_inputs()
     torch.library.opcheck(ops.affine_grid_op, (theta.requires_grad_(), [9, 10], False, torch.float32))
-    torch.library.opcheck(ops.affine_grid_backward_op, (torch.randn(2, 9, 10, 2, device=CUDA), theta.detach(), False))
+    grad_grid = torch.randn(2, 9, 10, 2, device=CUDA).requires_grad_()
+    torch.library.opcheck(ops.affine_grid_backward_op, (grad_grid, [9, 10], False, torch.float32, torch.float32))
 
 
 def test_opcheck_deform_conv2d_op():
@@ -115,10 +116,12 @@ def test_opcheck_deform_conv2d_op():
     weight = randn((6, 4, 3, 3), gen, torch.float32, CUDA).requires_grad_()
     mask = rand((2, 9, 7, 8), gen, 0.0, 1.0, torch.float32, CUDA).requires_grad_()
     bias = randn((6,), gen, torch.float32, CUDA).requires_grad_()
-    for op in (o for o in vars(ops).values() if isinstance(o, torch._library.custom_ops.CustomOpDef)):
-        if op._name.endswith("backward"):
-            continue
-        torch.library.opcheck(op, (x, offset, weight, bias, mask, [1, 1], [1, 1], [1, 1]))
+    conv = ([1, 1], [1, 1], [1, 1])
+    torch.library.opcheck(ops.deform_conv2d_op, (x, offset, weight, bias, mask, *conv))
+    grad = randn((2, 6, 7, 8), gen, torch.float32, CUDA).requires_grad_()
+    for deterministic in (False, True):
+        torch.library.opcheck(ops.deform_conv2d_backward_op,
+                              (grad, x, offset, weight, mask, *conv, True, True, True, True, True, deterministic))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

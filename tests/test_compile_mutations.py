@@ -31,7 +31,7 @@ def _analyse() -> list[dict]:
     from triton.backends.compiler import GPUTarget
 
     import stn_triton
-    from stn_triton import functional, tuning
+    from stn_triton import tuning
 
     class Sm90Driver:
         def get_current_target(self):
@@ -42,9 +42,6 @@ def _analyse() -> list[dict]:
 
     triton.runtime.driver.set_active(Sm90Driver())
     logging.disable(logging.WARNING)  # the analysis logs and carries on when it fails; failures show as results
-    functional.backend = lambda tensor: "triton"  # CPU tensors take the Triton ops; their launches are captured
-    launches = []
-    tuning.Launch.__call__ = lambda launch, grid, **arguments: launches.append((launch, arguments))
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g, requires_grad=True)
@@ -74,10 +71,10 @@ def _analyse() -> list[dict]:
     results = []
     for label, call in calls.items():
         for deterministic in (False, True):
-            launches.clear()
             torch.use_deterministic_algorithms(deterministic)
-            out = call()
-            out.backward(torch.ones_like(out))
+            with tuning.captured_launches() as launches:
+                out = call()
+                out.backward(torch.ones_like(out))
             for launch, arguments in launches:
                 kernel = launch.tuned.kernel
                 options = launch.options or tuning.launch_options(launch.tuned.configs[0])

@@ -36,7 +36,7 @@ from conftest import (
     sizes,
 )
 from stn_triton import conv_shape, tuning
-from stn_triton.ops import deform_conv as dcn_ops
+from stn_triton.ops import deform_conv_policy as dcn_policy
 
 # float32 against float64, relative to the largest magnitude: sums of C * K products rounded to float32.
 FLOAT32_TOL = 1e-5
@@ -343,23 +343,23 @@ def test_forward_and_backward_match_reference_float64(case):
 @pytest.mark.parametrize("rows, tiles, sms", [(1, 1, 132), (255, 1, 132), (675, 9, 132), (25088, 576, 132),
                                               (200704, 9, 132), (200704, 9, 1), (10**6, 10**5, 132)])
 def test_weight_grad_splits_cover_the_rows_in_whole_blocks(rows, tiles, sms):
-    from stn_triton.ops.deform_conv import MIN_SPLIT_ROWS, PROGRAMS_PER_SM, weight_grad_splits
+    from stn_triton.ops.deform_conv_configs import MIN_SPLIT_ROWS, PROGRAMS_PER_SM, ROW_ALIGN, weight_grad_splits
 
     splits, rows_per_split = weight_grad_splits(rows, tiles, sms)
-    assert rows_per_split % 128 == 0
+    assert rows_per_split % ROW_ALIGN == 0
     assert (splits - 1) * rows_per_split < rows <= splits * rows_per_split, "every split has rows, all rows are covered"
     assert splits == 1 or rows_per_split >= MIN_SPLIT_ROWS
     assert splits == 1 or (splits - 1) * tiles < PROGRAMS_PER_SM * sms, "no more splits than the GPU needs"
 
 
-# 3 images of 15 x 15 pixels, each padded to 256 rows of grad_weight's row space: three splits of
-# its pixel sum, each with 31 padding rows that must add nothing.
+# 3 images of 15 x 15 pixels, each padded to a multiple of ROW_ALIGN rows of grad_weight's row space
+# (256 at 64 or 128): splits of its pixel sum with 31 padding rows per image that must add nothing.
 SPLIT_CASE = Case(3, 2, 15, 15, 3, (3, 3), padding=1)
 
 
 def test_weight_gradient_split_over_pixels_matches_reference():
     from stn_triton.ops._launch import multiprocessors
-    from stn_triton.ops.deform_conv import padded_pixels, weight_grad_splits
+    from stn_triton.ops.deform_conv_configs import padded_pixels, weight_grad_splits
 
     ho, wo = SPLIT_CASE.out_size()
     rows = SPLIT_CASE.n * padded_pixels(ho * wo)
@@ -510,8 +510,8 @@ GEMM_KERNELS = {"deform_conv_fwd", "deform_conv_bwd_data", "deform_conv_bwd_weig
 
 
 @pytest.mark.parametrize("setting, dtype, expected", [
-    ("default", torch.float32, dcn_ops.FLOAT32_PRECISION),
-    ("highest", torch.float32, dcn_ops.FLOAT32_PRECISION),
+    ("default", torch.float32, dcn_policy.float32_precision()),
+    ("highest", torch.float32, dcn_policy.float32_precision()),
     ("high", torch.float32, "tf32"),
     ("medium", torch.float32, "tf32"),
     ("allow_tf32", torch.float32, "tf32"),
@@ -522,7 +522,7 @@ def test_float32_gemms_follow_pytorchs_tf32_switch(setting, dtype, expected, lau
     switches ask for, as torchvision's float32 matmuls follow them (the interpreter ignores the precision,
     so this checks the host's decision)."""
     _set_tf32(setting)
-    assert dcn_ops.dot_precision(dtype) == expected
+    assert dcn_policy.dot_precision(dtype) == expected
     case = Case(1, 2, 4, 4, 2, (3, 3), padding=1)
     run_deform_conv(stn_triton.deform_conv2d, make_inputs(case, seed_of("precision"), dtype), case.conv)
     precisions = {name: arguments["INPUT_PRECISION"] for name, arguments in launches if name in GEMM_KERNELS}
@@ -542,7 +542,7 @@ def test_float32_gemms_follow_pytorchs_tf32_switch(setting, dtype, expected, lau
 def test_channels_last_gather_when_a_sample_points_channels_fill_a_sector(channels, groups, offset_groups, dtype, expected):
     shape = conv_shape.DeformConvShape(2, channels, 9, 9, 8 * groups, 3, 3, groups, offset_groups, 9, 9)
     input = torch.empty((2, channels, 9, 9), dtype=dtype, device="meta")
-    assert dcn_ops.gather_channels_last(input, shape) == expected
+    assert dcn_policy.gather_channels_last(input, shape) == expected
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
@@ -556,7 +556,7 @@ def test_channels_last_gather_equals_nchw_gather(deterministic, launches, monkey
     expected = run_deform_conv(reference_deform_conv2d, tensors, case.conv, grad_output)
     results = {}
     for layout in ("channels_last", "input"):
-        monkeypatch.setattr(dcn_ops, "GATHER_LAYOUT", layout)
+        monkeypatch.setattr(dcn_policy, "_gather_layout", layout)
         launches.clear()
         if deterministic:
             with deterministic_algorithms():
@@ -859,3 +859,19 @@ def test_torch_compile_fullgraph_matches_eager():
     eager = run_deform_conv(stn_triton.deform_conv2d, tensors, case.conv, grad_output)
     ours = run_deform_conv(compiled, tensors, case.conv, grad_output)
     assert_matches(ours, eager, 1e-6, "compiled vs eager: ")
+
+
+def test_a_channel_slice_of_a_channels_last_tensor_stays_channels_last():
+    """A view whose channels are innermost but not dense (a channel slice of an NHWC tensor) is made
+    dense in its own layout, not copied to NCHW; the result is the reference's."""
+    case = Case(2, 4, 5, 6, 4, (3, 3), padding=1).on_device()
+    tensors = make_inputs(case, seed_of("channel-slice"))
+    wide = torch.cat([tensors["input"], tensors["input"]], dim=1).contiguous(memory_format=torch.channels_last)
+    tensors["input"] = wide[:, :4]
+    assert not tensors["input"].is_contiguous(memory_format=torch.channels_last)
+    with tuning.captured_launches() as launches:
+        run_deform_conv(stn_triton.deform_conv2d, tensors, case.conv)
+    strides = {arguments["sx_c"] for launch, arguments in launches if launch.tuned.name == "deform_conv_fwd"}
+    assert strides == {1}, "gathered from channels-last memory"
+    assert_matches(run_deform_conv(stn_triton.deform_conv2d, tensors, case.conv),
+                   run_deform_conv(reference_deform_conv2d, as_float64(tensors), case.conv), 1e-9)

@@ -134,3 +134,28 @@ def test_tensors_on_another_device_fail_before_launch():
         with pytest.raises(ValueError, match=re.escape(name)) as error:
             call(input=torch.zeros(X, device="cuda"), **kwargs)
         assert "cpu" in str(error.value), str(error.value)
+
+
+def test_torchvisions_own_wrong_sizes_checks_pass():
+    """torchvision's test_wrong_sizes: a wrong offset or mask channel count raises RuntimeError with
+    its words (a 3x2 kernel, 2 weight groups), as code catching torchvision's errors expects."""
+    layer = stn_triton.DeformConv2d(6, 2, (3, 2), groups=2)
+    x = t(10, 6, 5, 4)
+    offset = t(10, 2 * 3 * 2, 3, 3)
+    with pytest.raises(RuntimeError, match="the shape of the offset"):
+        layer(x, offset[:, :2])
+    with pytest.raises(RuntimeError, match=r"mask.shape\[1\] is not valid"):
+        layer(x, offset, t(10, 2, 3, 3))
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda: call(weight=t(*W, dtype=torch.float64)), id="weight-float64"),
+    pytest.param(lambda: call(offset=t(*OFF, dtype=torch.float16)), id="offset-float16"),
+    pytest.param(lambda: call(offset=(2, 17, 3, 4)), id="offset-channels"),
+    pytest.param(lambda: call(weight=(6, 3, 3, 3)), id="weight-groups"),
+    pytest.param(lambda: call(mask=(2, 9, 3, 5)), id="mask-spatial"),
+])
+def test_errors_are_runtime_errors_as_torchvisions(make):
+    """torchvision raises RuntimeError for these (its C++ checks); stn_triton's errors are one too."""
+    with pytest.raises(RuntimeError):
+        make()

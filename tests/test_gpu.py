@@ -230,3 +230,42 @@ def test_tensors_on_different_devices_fail_naming_grid():
         stn_triton.grid_sample(x, grid)
     with pytest.raises((ValueError, TypeError), match="grid"):
         stn_triton.grid_sample(x.cpu(), grid.to(CUDA))
+
+
+@pytest.mark.parametrize("warp", ["affine", "perspective", "tps"])
+def test_autotuning_gives_the_transform_gradient_of_the_heuristic_config(warp, tmp_path, monkeypatch):
+    """STN_TRITON_AUTOTUNE=1 times the backward over its config space at a new shape: the trials with
+    small pixel blocks write rows of the transform's partial sums that the winner's launch does not,
+    and the buffer must be zeroed between them (reset_to_zero), or theta's gradient takes them in."""
+    from stn_triton import tuning
+
+    monkeypatch.setenv("STN_TRITON_CONFIG_DIR", str(tmp_path))  # an empty user table: every shape autotunes
+    tuning.load_table.cache_clear()
+    gen = generator(41)
+    x = randn((4, 16, 40, 56), gen, torch.float32, CUDA)
+    grad_output = randn((4, 16, 40, 56), gen, torch.float32, CUDA)
+    if warp == "tps":
+        control = stn_triton.geometry.regular_control_points(16, torch.float32, CUDA)
+        params = control + 0.05 * randn((4, 16, 2), gen, torch.float32, CUDA)
+    else:
+        rows = 2 if warp == "affine" else 3
+        params = (torch.eye(rows, 3, dtype=torch.float64) + rand((4, rows, 3), gen, -0.1, 0.1, device="cpu")).to(
+            dtype=torch.float32, device=CUDA)
+    call = {"affine": stn_triton.affine_grid_sample, "perspective": stn_triton.perspective_grid_sample,
+            "tps": stn_triton.tps_grid_sample}[warp]
+
+    def gradients():
+        leaves = [t.detach().clone().requires_grad_() for t in (x, params)]
+        call(*leaves).backward(grad_output)
+        return [leaf.grad for leaf in leaves]
+
+    expected = gradients()
+    tuning.set_autotune(True)
+    try:
+        tuned, again = gradients(), gradients()
+    finally:
+        tuning.set_autotune(False)
+        tuning.load_table.cache_clear()
+    for result in (tuned, again):
+        for what, a, e in zip(("grad input", "grad params"), result, expected):
+            assert_close_scaled(a, e, 1e-5, what)

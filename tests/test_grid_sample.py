@@ -449,6 +449,29 @@ def test_deterministic_backward_is_bitwise_reproducible(dtype, nd, mode):
             assert_within_low_precision_rule(a, t, r, dtype, what)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_deterministic_backward_sums_a_long_run_in_chunks(dtype):
+    """Border padding with every point far outside: one input pixel (a corner) collects every tap of
+    every output pixel, a run of thousands of entries that the sorted scatter sums in chunks and then
+    adds chunk by chunk (ops/sorted_scatter.py), still in a fixed order."""
+    from stn_triton.ops.sorted_scatter import CHUNK
+
+    gen = generator(seed_of("long-run", dtype))
+    x = randn((2, 3, 4, 5), gen, dtype)
+    out_pixels = sizes(cpu=(12, 16), gpu=(96, 128))
+    grid = rand((2, *out_pixels, 2), gen, 3.0, 9.0, dtype)  # x > 1 and y > 1: the bottom-right corner
+    grad_output = randn((2, 3, *out_pixels), gen, dtype)
+    assert 4 * out_pixels[0] * out_pixels[1] > 8 * CHUNK, "the run must span several chunks"
+    reference = run_with_grads(F.grid_sample, x.double(), grid.double(), grad_output.double(), "bilinear", "border",
+                               False)
+    with deterministic_algorithms():
+        first = run_with_grads(stn_triton.grid_sample, x, grid, grad_output, "bilinear", "border", False)
+        second = run_with_grads(stn_triton.grid_sample, x, grid, grad_output, "bilinear", "border", False)
+    assert torch.equal(first[1], second[1]), "grad input differs between two deterministic runs"
+    assert_close_scaled(first[1], reference[1].to(dtype), 1e-12 if dtype == torch.float64 else 1e-5, "grad input")
+    assert reference[1][:, :, -1, -1].abs().min() > 0 and not reference[1][:, :, :-1].any()
+
+
 # --- non-finite and huge coordinates --------------------------------------------------------------
 
 

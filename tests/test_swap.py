@@ -179,6 +179,19 @@ def test_affine_grid_routes_to_stn_triton(originals, ours, size, align_corners):
     torch.testing.assert_close(grid, expected)
 
 
+def test_affine_grid_routes_unit_sizes_with_pytorchs_warning(originals, ours):
+    """F.affine_grid warns about unit-size grids with align_corners=True; stn_triton warns the same."""
+    theta = affine_theta()
+    with pytest.warns(UserWarning) as expected_warnings:
+        expected = F.affine_grid(theta, [2, 3, 1, 5], align_corners=True)
+    originals.affine_grid.clear()
+    with swap.swapped(), pytest.warns(UserWarning) as actual_warnings:
+        grid = F.affine_grid(theta, [2, 3, 1, 5], align_corners=True)
+    assert len(ours.affine_grid) == 1 and not originals.affine_grid
+    assert [str(w.message) for w in actual_warnings] == [str(w.message) for w in expected_warnings]
+    torch.testing.assert_close(grid, expected)
+
+
 def test_wrappers_carry_the_originals_signature_and_docs():
     originals = F.grid_sample, F.affine_grid
     with swap.swapped():
@@ -250,6 +263,13 @@ def forward_ad_level():
         yield
 
 
+@contextlib.contextmanager
+def autocast():
+    """Autocast on the tests' device: mixed floating dtypes are fine there, an integer grid is not."""
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        yield
+
+
 def outcome(fn, make_arguments, setting) -> tuple:
     """What ``fn`` does with the case's arguments, under its setting: its result or its exception,
     and the warnings it gave."""
@@ -290,6 +310,8 @@ GRID_SAMPLE_UNSUPPORTED = [
     unsupported("align-corners-default-warns", lambda: arguments(image(), sampling_grid())),
     unsupported("align-corners-none", lambda: arguments(image(), sampling_grid(), align_corners=None)),
     unsupported("align-corners-int", lambda: arguments(image(), sampling_grid(), align_corners=1)),
+    unsupported("integer-grid-under-autocast", lambda: arguments(
+        image(dtype=torch.float32), sampling_grid(dtype=torch.float32).long(), align_corners=False), autocast),
     unsupported("grid-dtype-differs", lambda: arguments(
         image(), sampling_grid(dtype=torch.float32), align_corners=False)),
     unsupported("grid-on-meta", lambda: arguments(image(), sampling_grid(device="meta"), align_corners=False)),
@@ -320,7 +342,6 @@ GRID_SAMPLE_UNSUPPORTED = [
 AFFINE_GRID_UNSUPPORTED = [
     unsupported("align-corners-default-warns", lambda: arguments(affine_theta(), [2, 3, 4, 5])),
     unsupported("align-corners-int", lambda: arguments(affine_theta(), [2, 3, 4, 5], align_corners=0)),
-    unsupported("unit-size-align-corners-warns", lambda: arguments(affine_theta(), [2, 3, 1, 5], align_corners=True)),
     unsupported("size-zero", lambda: arguments(affine_theta(), [2, 3, 0, 5], align_corners=False)),
     unsupported("size-3-entries", lambda: arguments(affine_theta(), [2, 3, 4], align_corners=False)),
     unsupported("size-6-entries", lambda: arguments(affine_theta(), [2, 3, 4, 5, 6, 7], align_corners=False)),
@@ -520,12 +541,18 @@ def test_fake_torchvision_deform_conv2d_routes_and_reverts(fake_torchvision, our
         args["input"], args["offset"], module.weight, module.bias, padding=1, mask=args["mask"]))
 
 
-def test_fake_torchvision_deform_conv2d_routes_under_autocast(fake_torchvision, ours):
-    """Inside autocast torchvision computes in float32 and returns the input's dtype; so does stn_triton."""
+def test_fake_torchvision_deform_conv2d_routes_under_cuda_autocast_only(fake_torchvision, ours):
+    """Inside CUDA autocast torchvision computes in float32 and returns the input's dtype; so does
+    stn_triton, and the call routes. Its autocast kernel is registered for CUDA only: under CPU
+    autocast a bfloat16 input reaches torchvision's CPU kernel, which rejects it, so the call must
+    reach the original there."""
     args = deform_conv_arguments(torch.float32)
     device_type = torch.device(DEVICE).type
     with swap.swapped(), torch.autocast(device_type, dtype=torch.bfloat16):
         out = fake_torchvision.ops.deform_conv2d(**args | dict(input=args["input"].bfloat16()))
+    if device_type != "cuda":
+        assert not ours.deform_conv2d, "CPU autocast: torchvision's behaviour, not stn_triton's"
+        return
     assert ours.deform_conv2d, "routed to stn_triton"
     assert out.dtype == torch.bfloat16
     expected = fallback.deform_conv2d(args["input"].bfloat16().double(), args["offset"].double(),

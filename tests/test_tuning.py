@@ -25,8 +25,8 @@ def tables(tmp_path, monkeypatch):
     tuning.load_table.cache_clear()
 
 
-def _write(folder, gpu, kernels):
-    (folder / f"{gpu}.json").write_text(json.dumps({"gpu": gpu, "kernels": kernels}))
+def _write(folder, gpu, kernels, schema=tuning.TABLE_SCHEMA):
+    (folder / f"{gpu}.json").write_text(json.dumps({"schema": schema, "gpu": gpu, "kernels": kernels}))
 
 
 def _entry(block, warps, stages=3):
@@ -38,15 +38,66 @@ def test_bucket_is_the_next_power_of_two(size, expected):
     assert tuning.bucket(size) == expected
 
 
-def test_user_table_overrides_the_shipped_one_entry_by_entry(tables):
+# Block sizes x warps x stages: a space holding every entry the table tests write.
+WIDE_SPACE = [triton.Config({"BLOCK_P": b}, num_warps=w, num_stages=s)
+              for b in (32, 64, 128, 256) for w in (1, 2, 4, 8) for s in (2, 3)]
+
+
+def _toys(monkeypatch, *names):
+    """Toy kernels named ``names`` with WIDE_SPACE, as the only registered kernels."""
+    monkeypatch.setattr(tuning, "REGISTRY", [])
+    return [tuning.TunedKernel(name, _toy_kernel, WIDE_SPACE, lambda **_: WIDE_SPACE[0], [], writes=("out_ptr",))
+            for name in names]
+
+
+def test_user_table_overrides_the_shipped_one_entry_by_entry(tables, monkeypatch):
     shipped, user = tables
-    _write(shipped, "gpu-x", {"sample_fwd": {"a": _entry(64, 2), "b": _entry(128, 4)}})
-    _write(user, "gpu-x", {"sample_fwd": {"b": _entry(256, 8)}, "affine_grid": {"c": _entry(64, 4)}})
-    assert tuning.lookup("sample_fwd", "a", "gpu-x") == {"BLOCK_P": 64, "num_warps": 2, "num_stages": 3}
-    assert tuning.lookup("sample_fwd", "b", "gpu-x") == {"BLOCK_P": 256, "num_warps": 8, "num_stages": 3}
-    assert tuning.lookup("affine_grid", "c", "gpu-x") == {"BLOCK_P": 64, "num_warps": 4, "num_stages": 3}
-    assert tuning.lookup("sample_fwd", "missing", "gpu-x") is None
-    assert tuning.lookup("sample_fwd", "a", "other-gpu") is None
+    _toys(monkeypatch, "toy", "toy2")
+    _write(shipped, "gpu-x", {"toy": {"a": _entry(64, 2), "b": _entry(128, 4)}})
+    _write(user, "gpu-x", {"toy": {"b": _entry(256, 8)}, "toy2": {"c": _entry(64, 4)}})
+    assert tuning.lookup("toy", "a", "gpu-x") == {"BLOCK_P": 64, "num_warps": 2, "num_stages": 3}
+    assert tuning.lookup("toy", "b", "gpu-x") == {"BLOCK_P": 256, "num_warps": 8, "num_stages": 3}
+    assert tuning.lookup("toy2", "c", "gpu-x") == {"BLOCK_P": 64, "num_warps": 4, "num_stages": 3}
+    assert tuning.lookup("toy", "missing", "gpu-x") is None
+    assert tuning.lookup("toy", "a", "other-gpu") is None
+
+
+def test_deterministic_lookups_read_the_shipped_table_alone(tables, monkeypatch):
+    """Block sizes fix summation orders: under deterministic algorithms, what this machine's user table
+    happens to hold must not change the bits."""
+    shipped, user = tables
+    _toys(monkeypatch, "toy")
+    _write(shipped, "gpu-x", {"toy": {"a": _entry(64, 2)}})
+    _write(user, "gpu-x", {"toy": {"a": _entry(256, 8), "b": _entry(128, 4)}})
+    assert tuning.lookup("toy", "a", "gpu-x", shipped_only=True)["BLOCK_P"] == 64
+    assert tuning.lookup("toy", "b", "gpu-x", shipped_only=True) is None
+    assert tuning.lookup("toy", "a", "gpu-x")["BLOCK_P"] == 256
+
+
+def test_a_table_entry_outside_the_kernels_space_is_ignored(tables, monkeypatch):
+    """An entry the space does not hold (a hand edit, an older version's space) could break what the
+    launcher derives from the space, such as grad_weight's row alignment."""
+    shipped, _ = tables
+    _toys(monkeypatch, "toy")
+    _write(shipped, "gpu-x", {"toy": {"in": _entry(128, 4), "out": _entry(512, 4), "odd": _entry(128, 3)},
+                              "unknown": {"a": _entry(64, 2)}})
+    assert tuning.lookup("toy", "in", "gpu-x") is not None
+    assert tuning.lookup("toy", "out", "gpu-x") is None
+    assert tuning.lookup("toy", "odd", "gpu-x") is None
+    assert tuning.lookup("unknown", "a", "gpu-x") is None
+
+
+def test_a_table_of_another_schema_is_ignored_with_a_warning(tables, monkeypatch):
+    shipped, user = tables
+    _toys(monkeypatch, "toy")
+    _write(shipped, "gpu-x", {"toy": {"a": _entry(64, 2)}}, schema=tuning.TABLE_SCHEMA - 1)
+    with pytest.warns(UserWarning, match="table schema"):
+        assert tuning.lookup("toy", "a", "gpu-x") is None
+    path = user / "gpu-x.json"
+    _write(user, "gpu-x", {"toy": {"old": _entry(64, 2)}}, schema=None)
+    tuning.merge_into_table(path, "gpu-x", {"toy": {"new": _entry(128, 4)}})
+    written = json.loads(path.read_text())
+    assert written["schema"] == tuning.TABLE_SCHEMA and written["kernels"] == {"toy": {"new": _entry(128, 4)}}
 
 
 def test_config_round_trips_through_json():
@@ -56,8 +107,9 @@ def test_config_round_trips_through_json():
     }
 
 
-def test_merge_into_table_keeps_other_entries_and_refreshes_lookups(tables):
+def test_merge_into_table_keeps_other_entries_and_refreshes_lookups(tables, monkeypatch):
     _, user = tables
+    _toys(monkeypatch, "toy", "other")
     path = user / "gpu-x.json"
     _write(user, "gpu-x", {"toy": {"a": _entry(64, 2)}})
     assert tuning.lookup("toy", "a", "gpu-x")["BLOCK_P"] == 64
@@ -81,7 +133,7 @@ def _toy(monkeypatch, configs=None):
     monkeypatch.setattr(tuning, "gpu_name", lambda device=None: "gpu-x")
     monkeypatch.setattr(tuning, "REGISTRY", [])
     monkeypatch.setattr(tuning, "interpreting", lambda: False)
-    configs = configs or tuning.pixel_block_configs((256, 64))
+    configs = configs or WIDE_SPACE
     heuristic = lambda channels: triton.Config({"BLOCK_P": 32 if channels > 8 else 16}, num_warps=1)  # noqa: E731
     return tuning.TunedKernel("toy", _toy_kernel, configs, heuristic, [], writes=("out_ptr",))
 
@@ -110,7 +162,7 @@ def test_opt_in_autotuning_covers_misses_only_and_never_deterministic_mode(table
         assert tuned.choose("hit", {"channels": 3}, CUDA).options["BLOCK_P"] == 128
         miss = tuned.choose("miss", {"channels": 3}, CUDA)
         assert miss.options is None, "a miss is timed over the space"
-        assert (miss.least("BLOCK_P"), miss.most("BLOCK_P")) == (64, 256)
+        assert (miss.least("BLOCK_P"), miss.most("BLOCK_P")) == (32, 256)
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
         try:
@@ -129,12 +181,12 @@ def test_an_autotuned_winner_persists_in_the_user_table(tables, monkeypatch):
     tuning.set_autotune(True)
     try:
         launch = tuned.choose("miss", {"channels": 3}, CUDA)
-        launch._keep(triton.Config({"BLOCK_P": 256}, num_warps=8, num_stages=1))
+        launch._keep(triton.Config({"BLOCK_P": 256}, num_warps=8, num_stages=2))
     finally:
         tuning.set_autotune(False)
     table = json.loads((user / "gpu-x.json").read_text())["kernels"]
-    assert table == {"toy": {"miss": {"kwargs": {"BLOCK_P": 256}, "num_warps": 8, "num_stages": 1}}}
-    assert tuned.choose("miss", {"channels": 3}, CUDA).options == {"BLOCK_P": 256, "num_warps": 8, "num_stages": 1}
+    assert table == {"toy": {"miss": {"kwargs": {"BLOCK_P": 256}, "num_warps": 8, "num_stages": 2}}}
+    assert tuned.choose("miss", {"channels": 3}, CUDA).options == {"BLOCK_P": 256, "num_warps": 8, "num_stages": 2}
 
 
 def test_autotuning_times_again_for_each_table_key(tables, monkeypatch):
@@ -190,10 +242,11 @@ def test_every_kernel_launch_goes_through_a_tuned_kernel():
     import stn_triton.kernels.affine_grid as affine_grid_kernels
     import stn_triton.kernels.deform_conv as dcn_kernels
     import stn_triton.kernels.sample as sample_kernels
+    import stn_triton.kernels.sorted_scatter as sorted_kernels
 
     launched = {
         getattr(module, name)
-        for module in (dcn_kernels, sample_kernels, affine_grid_kernels)
+        for module in (dcn_kernels, sample_kernels, affine_grid_kernels, sorted_kernels)
         for name in dir(module)
         if name.startswith("_") and name.endswith("_kernel")
     }
@@ -218,6 +271,7 @@ def test_tune_writes_a_table_that_the_ops_then_use(tables):
     import stn_triton
     from stn_triton import tune
     from stn_triton.ops import sample as ops
+    from stn_triton.ops.sample_configs import fwd_kernel
 
     _, user = tables
     assert tune.main(["--quick"]) == 0
@@ -225,29 +279,59 @@ def test_tune_writes_a_table_that_the_ops_then_use(tables):
     assert set(table) == {kernel.name for kernel in tuning.REGISTRY}, "every kernel is tuned"
     x = torch.randn(32, 64, 128, 128, device="cuda")
     theta = torch.eye(2, 3, device="cuda").expand(32, 2, 3)
-    key = ops._shape_key("fwd", x, 1, 0, 128 * 128)
+    spec = ops.SampleSpec((128, 128), 1, 0, 0, False, x.dtype)
+    key = ops.shape_key("fwd", x, spec)
     assert key in table["sample_fwd"]
-    assert ops._fwd_kernel.choose(key, ops._shape(x, 0, False), x.device).options == tuning.lookup(
+    assert fwd_kernel.choose(key, ops.heuristic_shape(x, spec, False), x.device).options == tuning.lookup(
         "sample_fwd", key, tuning.gpu_name())
     torch.testing.assert_close(stn_triton.affine_grid_sample(x, theta), x, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
-def test_sampling_heuristics_pick_configs_of_their_spaces(nhwc, backward):
-    """A heuristic's config is one the space times too, so the tuned table can only improve on it."""
-    from stn_triton.ops import sample as ops
+def _in_space(config: triton.Config, tuned: tuning.TunedKernel) -> bool:
+    return tuning._options_key(tuning.launch_options(config)) in tuned.space
 
-    def in_space(config, tuned):
-        return any(config.kwargs == c.kwargs and config.num_warps == c.num_warps for c in tuned.configs)
 
+def test_every_heuristic_picks_a_config_of_its_space():
+    """A heuristic's config is one the space times too, so the tuned table (which accepts only configs
+    of the space) can only improve on it."""
+    from stn_triton.ops import affine_grid, deform_conv_configs, sample_configs, sorted_scatter
+
+    checked = set()
     for channels in (1, 3, 4, 5, 16, 32, 64, 256):
-        for taps in (1, 4, 8, 16):
-            shape = dict(channels=channels, nhwc=nhwc, taps=taps, backward=backward)
-            tuned = ops._bwd_kernel if backward else ops._fwd_kernel
-            assert in_space(tuned.heuristic(**shape), tuned), shape
-            assert in_space(ops._sorted_kernel.heuristic(**shape), ops._sorted_kernel), shape
-            assert in_space(ops._taps_kernel.heuristic(**shape), ops._taps_kernel), shape
+        for nhwc in (False, True):
+            for taps in (1, 4, 8, 16):
+                for backward in (False, True):
+                    shape = dict(channels=channels, nhwc=nhwc, taps=taps, backward=backward)
+                    for tuned in (sample_configs.fwd_kernel, sample_configs.bwd_kernel, sample_configs.taps_kernel):
+                        assert _in_space(tuned.heuristic(**shape), tuned), (tuned.name, shape)
+                        checked.add(tuned.name)
+            for tuned in (sorted_scatter._segments_kernel, sorted_scatter._runs_kernel):
+                assert _in_space(tuned.heuristic(channels=channels, contiguous=nhwc), tuned), (tuned.name, channels)
+                checked.add(tuned.name)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for group_channels, group_out_channels, offset_group_channels in ((1, 1, 1), (3, 4, 3), (16, 16, 8),
+                                                                          (64, 64, 64), (256, 256, 256), (8, 512, 2)):
+            shape = dict(rows=4096, group_channels=group_channels, group_out_channels=group_out_channels,
+                         offset_group_channels=offset_group_channels, dtype=dtype, channels_fastest=True)
+            for tuned in (deform_conv_configs.fwd_kernel, deform_conv_configs.bwd_data_kernel,
+                          deform_conv_configs.bwd_weight_kernel, deform_conv_configs.taps_kernel):
+                assert _in_space(tuned.heuristic(**shape), tuned), (tuned.name, shape)
+                checked.add(tuned.name)
+    for tuned in (affine_grid._grid_kernel, affine_grid._bwd_kernel):
+        assert _in_space(tuned.heuristic(), tuned), tuned.name
+        checked.add(tuned.name)
+    assert checked == {kernel.name for kernel in tuning.REGISTRY}, "every tuned kernel's heuristic is checked"
+
+
+def test_row_align_covers_every_weight_gradient_block():
+    """grad_weight pads each image to ROW_ALIGN rows so that no block of rows straddles two images:
+    every BLOCK_M the weight kernel can launch with must divide it."""
+    from stn_triton.ops import deform_conv_configs as configs
+
+    blocks = {config.kwargs["BLOCK_M"] for config in configs.bwd_weight_kernel.configs}
+    blocks.add(configs.bwd_weight_kernel.interpreter_options["BLOCK_M"])
+    assert all(configs.ROW_ALIGN % block == 0 for block in blocks), (configs.ROW_ALIGN, blocks)
+    assert configs.ROW_ALIGN == max(blocks)
 
 
 def test_a_launch_on_another_gpu_runs_under_that_gpus_guard(monkeypatch):

@@ -156,3 +156,60 @@ def test_bad_argument_fails_before_launch(call, argument, got):
     with pytest.raises((ValueError, TypeError), match=re.escape(argument)) as error:
         call()
     assert got in str(error.value), f"the message should show what it got ({got!r}): {error.value}"
+
+
+# (stn_triton's call, PyTorch's same call): PyTorch's exception type must be among ours, so that code
+# catching PyTorch's errors keeps working with stn_triton, swapped in or called directly.
+def _torch_grid_sample(input, grid, **kwargs):
+    return lambda: torch.nn.functional.grid_sample(input, grid, **{"align_corners": False, **kwargs})
+
+
+PYTORCH_TYPE_CASES = [
+    pytest.param(lambda: stn_triton.grid_sample(t(2, 3, 5, 7), t(2, 3, 5, 2, dtype=torch.float64)),
+                 _torch_grid_sample(t(2, 3, 5, 7), t(2, 3, 5, 2, dtype=torch.float64)), id="dtype-mismatch"),
+    pytest.param(lambda: stn_triton.grid_sample(t(2, 3, 5, 7), t(2, 3, 5, 2, dtype=torch.int64)),
+                 _torch_grid_sample(t(2, 3, 5, 7), t(2, 3, 5, 2, dtype=torch.int64)), id="integer-grid"),
+    pytest.param(lambda: stn_triton.grid_sample(t(2, 3, 5, 7), t(3, 3, 5, 2)),
+                 _torch_grid_sample(t(2, 3, 5, 7), t(3, 3, 5, 2)), id="batch-mismatch"),
+    pytest.param(lambda: stn_triton.grid_sample(t(2, 3, 5, 7), t(2, 3, 5, 3)),
+                 _torch_grid_sample(t(2, 3, 5, 7), t(2, 3, 5, 3)), id="grid-last-dim"),
+    pytest.param(lambda: stn_triton.grid_sample(t(2, 3, 5, 7), t(2, 3, 5, 2), mode="area"),
+                 _torch_grid_sample(t(2, 3, 5, 7), t(2, 3, 5, 2), mode="area"), id="unknown-mode"),
+    pytest.param(lambda: stn_triton.grid_sample(t(2, 3, 5, 7), t(2, 3, 5, 2), padding_mode="circular"),
+                 _torch_grid_sample(t(2, 3, 5, 7), t(2, 3, 5, 2), padding_mode="circular"), id="unknown-padding"),
+    pytest.param(lambda: stn_triton.grid_sample(t(2, 3, 5, 7, 3), t(2, 1, 3, 5, 3), mode="bicubic"),
+                 _torch_grid_sample(t(2, 3, 5, 7, 3), t(2, 1, 3, 5, 3), mode="bicubic"), id="bicubic-5d"),
+    pytest.param(lambda: stn_triton.grid_sample(t(2, 3, 5, 7), t(2, 3, 5, 2), align_corners=1),
+                 _torch_grid_sample(t(2, 3, 5, 7), t(2, 3, 5, 2), align_corners=1), id="align-corners-not-bool"),
+    pytest.param(lambda: stn_triton.grid_sample(t(2, 3, 0, 7), t(2, 3, 5, 2)),
+                 _torch_grid_sample(t(2, 3, 0, 7), t(2, 3, 5, 2)), id="empty-side"),
+    pytest.param(lambda: stn_triton.affine_grid(t(2, 2, 3, dtype=torch.int64), (2, 1, 3, 5)),
+                 lambda: torch.nn.functional.affine_grid(t(2, 2, 3, dtype=torch.int64), [2, 1, 3, 5], False),
+                 id="integer-theta"),
+    pytest.param(lambda: stn_triton.affine_grid(t(2, 2, 3), (2, 3, 5)),
+                 lambda: torch.nn.functional.affine_grid(t(2, 2, 3), [2, 3, 5], False), id="size-of-3"),
+    pytest.param(lambda: stn_triton.affine_grid(t(2, 2, 3), (2, 1, 3, 5, 7)),
+                 lambda: torch.nn.functional.affine_grid(t(2, 2, 3), [2, 1, 3, 5, 7], False), id="theta-for-5d"),
+    pytest.param(lambda: stn_triton.affine_grid(t(2, 2, 3), (3, 1, 3, 5)),
+                 lambda: torch.nn.functional.affine_grid(t(2, 2, 3), [3, 1, 3, 5], False), id="batch-mismatch-theta"),
+    pytest.param(lambda: stn_triton.affine_grid(t(2, 2, 3), (2, 1, 0, 5)),
+                 lambda: torch.nn.functional.affine_grid(t(2, 2, 3), [2, 1, 0, 5], False), id="zero-size"),
+]
+
+
+@pytest.mark.parametrize("ours, theirs", PYTORCH_TYPE_CASES)
+def test_the_exception_type_pytorch_raises_is_raised_too(ours, theirs):
+    with pytest.raises(Exception) as expected:
+        theirs()
+    with pytest.raises(Exception) as actual:
+        ours()
+    assert isinstance(actual.value, type(expected.value)), (
+        f"PyTorch raises {type(expected.value).__name__}, stn_triton {type(actual.value).__mro__}")
+
+
+def test_unit_size_grid_with_align_corners_warns_as_pytorch_does():
+    with pytest.warns(UserWarning) as expected:
+        torch.nn.functional.affine_grid(t(2, 2, 3), [2, 1, 1, 5], align_corners=True)
+    with pytest.warns(UserWarning) as actual, pytest.raises(Launched):
+        stn_triton.affine_grid(t(2, 2, 3), (2, 1, 1, 5), align_corners=True)
+    assert [str(w.message) for w in actual] == [str(w.message) for w in expected]

@@ -986,3 +986,28 @@ def test_torch_compile_fullgraph_matches_eager(nd):
         (out * out).sum().backward()
         results.append((out.detach(), x_leaf.grad, theta_leaf.grad))
     assert_all_close(*results, 1e-5)
+
+
+def test_pixel_warps_neither_copy_from_the_host_nor_wait_for_the_device(monkeypatch):
+    """kornia's pixel frames applied as arithmetic (no torch.tensor: a host-to-device copy per call) and
+    M inverted without a singularity check (torch.linalg.inv's waits for the device); a fill value is
+    made or copied once, and only for 'fill' padding."""
+    from stn_triton import functional
+
+    gen = generator(seed_of("host-path"))
+    src = randn((2, 3, 6, 7), gen, torch.float32)
+    M = torch.tensor([[1.0, 0.1, 0.5], [0.05, 0.9, -0.3]], device=DEVICE).repeat(2, 1, 1)
+    H = torch.cat([M, torch.tensor([[[0.001, 0.002, 1.0]]], device=DEVICE).expand(2, 1, 3)], dim=1)
+    expected = [stn_triton.warp_affine(src, M, (5, 6)), stn_triton.warp_perspective(src, H, (5, 6), padding_mode="fill")]
+
+    def refused(*args, **kwargs):
+        raise AssertionError("called on the hot path")
+
+    monkeypatch.setattr(torch, "tensor", refused)
+    monkeypatch.setattr(torch.linalg, "inv", refused)
+    torch.testing.assert_close(stn_triton.warp_affine(src, M, (5, 6)), expected[0])
+    torch.testing.assert_close(stn_triton.warp_perspective(src, H, (5, 6), padding_mode="fill"), expected[1])
+    assert functional._fill(src, "zeros", None) is None
+    assert functional._fill(src, "fill", None) is functional._fill(src, "fill", None)
+    other_dtype = torch.full((3,), 0.25, dtype=torch.float64)
+    assert functional._fill(src, "fill", other_dtype) is functional._fill(src, "fill", other_dtype)

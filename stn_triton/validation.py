@@ -1,0 +1,286 @@
+"""Argument checks, one function per op: each returns the problem with a call (an exception to raise),
+or None when the call is well-formed.
+
+``stn_triton.functional`` raises the problem before any launch; ``stn_triton.swap`` routes a call to
+stn_triton only when there is none (so a call stn_triton would reject reaches the original, with
+the original's error); ``stn_triton.nn`` checks its modules' options with the same functions. A
+message names the argument, what it got and what it expects; the exception types are those of
+the op replaced (``stn_triton.errors``).
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from stn_triton.conv_shape import DeformConvShape
+from stn_triton.errors import ArgumentError, ArgumentTypeError, UnsupportedArgumentError
+from stn_triton.numerics import FLOAT_DTYPES
+
+MODES = ("bilinear", "nearest", "bicubic")
+PADDING_MODES = ("zeros", "border", "reflection")
+# kornia's warps add 'fill': zeros padding blended with a fill value per channel.
+WARP_PADDING_MODES = PADDING_MODES + ("fill",)
+
+Problem = Exception | None
+
+
+def tensor_problem(name: str, value, ndims: Sequence[int]) -> Problem:
+    """``value`` is a floating-point tensor with one of ``ndims`` dimensions."""
+    if not isinstance(value, torch.Tensor):
+        return ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() not in ndims:
+        wanted = " or ".join(f"{d}-D" for d in ndims)
+        return ArgumentError(f"{name} must be {wanted}, got a {value.dim()}-D tensor of shape {tuple(value.shape)}")
+    if value.dtype not in FLOAT_DTYPES:
+        return ArgumentTypeError(
+            f"{name} must have a floating-point dtype (float32, float64, float16 or bfloat16), got {value.dtype}"
+        )
+    return None
+
+
+def like_input_problem(name: str, value, input: torch.Tensor, shape: tuple, any_dtype: bool = False) -> Problem:
+    """``value`` is a tensor of ``shape`` (None = any size there) on input's device and, unless
+    ``any_dtype``, with its dtype."""
+    problem = tensor_problem(name, value, (len(shape),))
+    if problem is not None:
+        return problem
+    if any(want is not None and got != want for got, want in zip(value.shape, shape)):
+        wanted = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
+        return ArgumentError(
+            f"{name} must have shape {wanted} for input of shape {tuple(input.shape)}, got {tuple(value.shape)}"
+        )
+    if value.dtype != input.dtype and not any_dtype:
+        return ArgumentTypeError(f"{name} must have input's dtype {input.dtype}, got {value.dtype}")
+    if value.device != input.device:
+        return ArgumentTypeError(f"{name} must be on input's device {input.device}, got {value.device}")
+    return None
+
+
+def int_sequence(name: str, value) -> tuple[int, ...]:
+    """``value`` (a list, tuple or torch.Size of ints) as a tuple; raises an ArgumentTypeError naming it."""
+    if isinstance(value, torch.Size):
+        value = tuple(value)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        raise ArgumentTypeError(f"{name} must be a sequence of ints, got {value!r}")
+    return tuple(value)
+
+
+def sampling_options_problem(mode, padding_mode, align_corners, ndim: int,
+                             padding_modes: Sequence[str] = PADDING_MODES) -> Problem:
+    """mode, padding_mode and align_corners of a sampling op on ``ndim`` spatial dimensions."""
+    if mode not in MODES:
+        return ArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "bicubic" and ndim == 3:
+        return ArgumentError("mode='bicubic' supports only 4-D input (2 spatial dimensions), got a 5-D input")
+    if padding_mode not in padding_modes:
+        return ArgumentError(f"padding_mode must be one of {tuple(padding_modes)}, got {padding_mode!r}")
+    if not isinstance(align_corners, bool):
+        return ArgumentTypeError(f"align_corners must be a bool, got {align_corners!r}")
+    return None
+
+
+def _autocasting(t: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(t.device.type)
+
+
+def _spatial_problem(name: str, input: torch.Tensor) -> Problem:
+    if any(s == 0 for s in input.shape[2:]):
+        return ArgumentError(f"{name} must have non-empty spatial dimensions, got {name} of shape {tuple(input.shape)}")
+    return None
+
+
+def grid_sample_problem(input, grid, mode, padding_mode, align_corners) -> Problem:
+    """``grid_sample(input, grid, mode, padding_mode, align_corners)`` (inside autocast, grid may
+    have another floating-point dtype than input, as F.grid_sample takes it there)."""
+    problem = tensor_problem("input", input, (4, 5)) or tensor_problem("grid", grid, (4, 5))
+    if problem is not None:
+        return problem
+    nd = input.dim() - 2
+    if grid.dim() != input.dim():
+        return ArgumentError(
+            f"grid must have the same number of dimensions as input ({input.dim()}), got grid of shape {tuple(grid.shape)}"
+        )
+    if grid.shape[-1] != nd:
+        return ArgumentError(
+            f"grid's last dimension must be {nd} for a {input.dim()}-D input, got grid of shape {tuple(grid.shape)}"
+        )
+    if grid.shape[0] != input.shape[0]:
+        return ArgumentError(
+            f"grid and input must have the same batch size, got input {tuple(input.shape)} and grid {tuple(grid.shape)}"
+        )
+    if grid.dtype != input.dtype and not _autocasting(input):
+        return ArgumentTypeError(f"grid must have input's dtype {input.dtype}, got {grid.dtype}")
+    if grid.device != input.device:
+        return ArgumentTypeError(f"grid must be on input's device {input.device}, got {grid.device}")
+    return sampling_options_problem(mode, padding_mode, align_corners, nd) or _spatial_problem("input", input)
+
+
+def affine_grid_problem(theta, size, align_corners) -> Problem:
+    """``affine_grid(theta, size, align_corners)``, with F.affine_grid's exception types."""
+    if not isinstance(theta, torch.Tensor):
+        return ArgumentTypeError(f"theta must be a torch.Tensor, got {type(theta).__name__}")
+    if theta.dtype not in FLOAT_DTYPES:
+        return ArgumentError(f"theta must have a floating-point dtype (float32, float64, float16 or bfloat16), "
+                             f"got {theta.dtype}")
+    try:
+        size = int_sequence("size", size)
+    except ArgumentTypeError as problem:
+        return problem
+    if len(size) not in (4, 5):
+        return UnsupportedArgumentError(
+            f"size must have 4 (N, C, H, W) or 5 (N, C, D, H, W) entries, for 2-D and 3-D affine maps, got {size}"
+        )
+    nd = len(size) - 2
+    if theta.dim() != 3 or tuple(theta.shape[1:]) != (nd, nd + 1):
+        return ArgumentError(
+            f"theta must have shape [N, {nd}, {nd + 1}] for a size of {len(size)} entries, got {tuple(theta.shape)}"
+        )
+    if theta.shape[0] != size[0]:
+        return ArgumentError(f"theta's batch size {theta.shape[0]} must equal size[0], got size {size}")
+    if any(s <= 0 for s in size):
+        return ArgumentError(f"size must hold positive entries (as F.affine_grid requires), got {size}")
+    if not isinstance(align_corners, bool):
+        return ArgumentTypeError(f"align_corners must be a bool, got {align_corners!r}")
+    return None
+
+
+def output_size_problem(size, input: torch.Tensor) -> Problem:
+    """A fused warp's ``size``: None, or the full output size (N, C, spatial...) with input's N and C."""
+    if size is None:
+        return None
+    try:
+        size = int_sequence("size", size)
+    except ArgumentTypeError as problem:
+        return problem
+    if len(size) != input.dim():
+        return ArgumentError(f"size must have {input.dim()} entries (N, C, spatial...) like input, got {size}")
+    if tuple(size[:2]) != tuple(input.shape[:2]):
+        return ArgumentError(f"size must start with input's batch and channels {tuple(input.shape[:2])}, got size {size}")
+    if any(s <= 0 for s in size[2:]):
+        return ArgumentError(f"size must hold positive spatial sizes, got {size}")
+    return None
+
+
+def warp_problem(input, params_name: str, params, params_shape: tuple, size, mode, padding_mode, align_corners,
+                 ndims=(4, 5)) -> Problem:
+    """A fused warp: ``input`` with transform parameters ``params`` of ``params_shape`` (None = any
+    size there; the batch is input's), output ``size``, and the sampling options."""
+    problem = tensor_problem("input", input, ndims)
+    if problem is not None:
+        return problem
+    return (
+        sampling_options_problem(mode, padding_mode, align_corners, input.dim() - 2)
+        or _spatial_problem("input", input)
+        or like_input_problem(params_name, params, input, (input.shape[0], *params_shape), any_dtype=_autocasting(input))
+        or output_size_problem(size, input)
+    )
+
+
+def tps_problem(input, source_points, control_points, size, mode, padding_mode, align_corners) -> Problem:
+    """tps_grid_sample's arguments (control_points None: a regular grid, K a square)."""
+    problem = warp_problem(input, "source_points", source_points, (None, 2), size, mode, padding_mode, align_corners,
+                           ndims=(4,))
+    if problem is not None:
+        return problem
+    k = source_points.shape[1]
+    if k < 3:
+        return ArgumentError(f"source_points must hold at least 3 points (K >= 3) to fix the affine part, got K = {k}")
+    if control_points is None:
+        side = int(k**0.5 + 0.5)
+        if side * side != k or side < 2:
+            return ArgumentError(
+                f"control_points is required when source_points' K is not a square of at least 4, got K = {k}"
+            )
+        return None
+    problem = tensor_problem("control_points", control_points, (2,))
+    if problem is not None:
+        return problem
+    if tuple(control_points.shape) != (k, 2):
+        return ArgumentError(
+            f"control_points must have shape [K, 2] with K = {k} (source_points' K), got {tuple(control_points.shape)}"
+        )
+    if control_points.device != input.device:
+        return ArgumentTypeError(f"control_points must be on input's device {input.device}, got {control_points.device}")
+    return None
+
+
+def pixel_warp_problem(src, M, matrix_shape: tuple, dsize, mode, padding_mode, align_corners, fill_value) -> Problem:
+    """kornia's warp_affine / warp_perspective: src, M [B, *matrix_shape], dsize (h, w), fill_value [C]."""
+    problem = tensor_problem("src", src, (4,))
+    if problem is not None:
+        return problem
+    problem = (
+        sampling_options_problem(mode, padding_mode, align_corners, 2, WARP_PADDING_MODES)
+        or _spatial_problem("src", src)
+        or like_input_problem("M", M, src, (src.shape[0], *matrix_shape), any_dtype=_autocasting(src))
+    )
+    if problem is not None:
+        return problem
+    if not isinstance(dsize, (list, tuple, torch.Size)) or len(dsize) != 2 or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in dsize
+    ):
+        return ArgumentError(f"dsize must be (height, width), two positive ints, got {dsize!r}")
+    if fill_value is None:
+        return None
+    if not isinstance(fill_value, torch.Tensor):
+        try:
+            fill_value = torch.as_tensor(fill_value)
+        except (TypeError, ValueError, RuntimeError):
+            return ArgumentTypeError(f"fill_value must be a tensor of one value per channel, got {fill_value!r}")
+    if fill_value.dim() != 1 or fill_value.shape[0] != src.shape[1]:
+        return ArgumentError(
+            f"fill_value must hold one value per channel ({src.shape[1]}), got shape {tuple(fill_value.shape)}"
+        )
+    if fill_value.requires_grad:
+        return ArgumentError("fill_value must not require grad: it is a constant of the warp")
+    return None
+
+
+def int_pair(name: str, value) -> tuple[int, int]:
+    """An int or a pair of ints as a pair; raises an ArgumentTypeError naming it."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return tuple(value)
+    raise ArgumentTypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def deform_conv2d_problem(input, offset, weight, bias, stride, padding, dilation, mask) -> Problem:
+    """torchvision's deform_conv2d arguments (inside autocast the tensors may differ in dtype: they
+    are all computed in float32, as torchvision's autocast kernel computes them)."""
+    problem = tensor_problem("input", input, (4,))
+    if problem is not None:
+        return problem
+    try:
+        stride, padding, dilation = int_pair("stride", stride), int_pair("padding", padding), int_pair("dilation", dilation)
+    except ArgumentTypeError as problem:
+        return problem
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        return ArgumentError(
+            f"stride and dilation must be >= 1 and padding >= 0, got stride={stride}, padding={padding}, dilation={dilation}"
+        )
+    any_dtype = _autocasting(input)
+    problem = (like_input_problem("weight", weight, input, (None, None, None, None), any_dtype)
+               or like_input_problem("offset", offset, input, (None, None, None, None), any_dtype))
+    if problem is not None:
+        return problem
+    try:
+        shape = DeformConvShape.of(input.shape, offset.shape, weight.shape, stride, padding, dilation)
+    except ArgumentError as problem:
+        return problem
+    if mask is not None:
+        problem = tensor_problem("mask", mask, (4,))
+        if problem is not None:
+            return problem
+        if tuple(mask.shape) != shape.mask_shape():
+            what = "mask.shape[1] is not valid: " if mask.shape[1] != shape.mask_shape()[1] else ""
+            return ArgumentError(f"{what}mask must have shape {list(shape.mask_shape())} (N, offset_groups * "
+                                 f"{shape.taps}, H_out, W_out), got {tuple(mask.shape)}")
+        problem = like_input_problem("mask", mask, input, shape.mask_shape(), any_dtype)
+        if problem is not None:
+            return problem
+    if bias is not None:
+        return like_input_problem("bias", bias, input, (shape.out_channels,), any_dtype)
+    return None
