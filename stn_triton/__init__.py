@@ -1,6 +1,6 @@
 """stn_triton: fused Triton kernels for spatial transformers and deformable convolution."""
 
-from stn_triton import swap
+from stn_triton import scripting, swap  # noqa: F401  (scripting registers the TorchScript ops)
 from stn_triton.backend import backend
 from stn_triton.functional import (
     affine_grid,

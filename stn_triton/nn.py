@@ -2,14 +2,15 @@
 
 import math
 from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import nn
 from torch.nn import init
 from torch.nn.modules.utils import _pair
 
-from stn_triton import functional
-from stn_triton.geometry import regular_control_points
+from stn_triton import functional, validation
+from stn_triton.geometry import regular_control_points, tps_solver
 
 TRANSFORMS = ("affine", "projective", "tps")
 
@@ -135,14 +136,9 @@ class SpatialTransformer(nn.Module):
                     f"num_control_points must be a square of at least 4 (a regular grid of control points), "
                     f"got {num_control_points!r}"
                 )
-        if mode not in functional.MODES:
-            raise ValueError(f"mode must be one of {functional.MODES}, got {mode!r}")
-        if mode == "bicubic" and spatial_dims == 3:
-            raise ValueError("mode='bicubic' supports only 2-D inputs, got a 3-D input_size")
-        if padding_mode not in functional.PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {functional.PADDING_MODES}, got {padding_mode!r}")
-        if not isinstance(align_corners, bool):
-            raise TypeError(f"align_corners must be a bool, got {align_corners!r}")
+        problem = validation.sampling_options_problem(mode, padding_mode, align_corners, spatial_dims)
+        if problem is not None:
+            raise problem
         if localization is not None and not isinstance(localization, nn.Module):
             raise TypeError(f"localization must be an nn.Module or None, got {type(localization).__name__}")
 
@@ -159,11 +155,15 @@ class SpatialTransformer(nn.Module):
         elif transform == "projective":
             identity = torch.eye(3)
         else:
-            control_points = regular_control_points(num_control_points, torch.get_default_dtype(), "cpu")
-            self.register_buffer("control_points", control_points)
-            identity = control_points
+            identity = regular_control_points(num_control_points, torch.get_default_dtype(), "cpu")
+        # The spline's control points, and their inverse system kept beside them (not in the state_dict:
+        # it is derived), so that no call, compiled or not, solves the system again.
+        self.register_buffer("control_points", identity if transform == "tps" else None)
+        self.register_buffer("tps_solver", tps_solver(identity) if transform == "tps" else None, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module._solve())
         # The shape ``forward`` gives the regressed parameters, as the functional op takes them.
         self.params_shape = tuple(identity.shape)
+        self._input_shape = [in_channels, *input_size]
 
         if localization is None:
             localization = default_localization(in_channels, spatial_dims)
@@ -173,34 +173,47 @@ class SpatialTransformer(nn.Module):
             self.head.weight.zero_()
             self.head.bias.copy_(identity.flatten())
 
-    def forward(self, x: torch.Tensor, return_params: bool = False):
+    def _solve(self) -> None:
+        """Solve the spline system of the control points again (loaded, moved or cast), in float64."""
+        if self.control_points is not None:
+            self.tps_solver = tps_solver(self.control_points)
+
+    def _apply(self, fn, recurse=True):
+        # .half() or .to(dtype) would cast the solver like any buffer; it is solved again instead.
+        super()._apply(fn, recurse)
+        self._solve()
+        return self
+
+    def forward(self, x: torch.Tensor,
+                return_params: bool = False) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Warp ``x`` ``[N, C, *input_size]`` to ``[N, C, *output_size]``.
 
         With ``return_params=True`` returns ``(warped, params)``, params as the functional op
         takes them: theta ``[N, 2, 3]`` (``[N, 3, 4]`` for volumes), homography ``[N, 3, 3]``, or
-        source points ``[N, K, 2]``.
+        source points ``[N, K, 2]``. Scriptable (``torch.jit.script``).
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        expected = (self.in_channels, *self.input_size)
-        if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
-            wanted = ", ".join(map(str, expected))
-            raise ValueError(f"x must have shape [N, {wanted}] (in_channels, *input_size), got {tuple(x.shape)}")
-        params = self.head(self.localization(x).flatten(1)).view(x.shape[0], *self.params_shape)
-        size = (x.shape[0], x.shape[1], *self.output_size)
-        options = {
-            "size": size,
-            "mode": self.mode,
-            "padding_mode": self.padding_mode,
-            "align_corners": self.align_corners,
-        }
+        if x.dim() != len(self._input_shape) + 1 or list(x.shape[1:]) != self._input_shape:
+            wanted = ", ".join([str(side) for side in self._input_shape])
+            got = ", ".join([str(side) for side in x.shape])
+            raise ValueError(f"x must have shape [N, {wanted}] (in_channels, *input_size), got ({got})")
+        params = self.head(self.localization(x).flatten(1)).view(x.shape[0], self.params_shape[0], self.params_shape[1])
+        size = [x.shape[0], x.shape[1]]
+        for side in self.output_size:
+            size.append(side)
+        control_points = self.control_points
         if self.transform == "affine":
-            warped = functional.affine_grid_sample(x, params, **options)
+            warped = functional.affine_grid_sample(x, params, size, self.mode, self.padding_mode, self.align_corners)
         elif self.transform == "projective":
-            warped = functional.perspective_grid_sample(x, params, **options)
+            warped = functional.perspective_grid_sample(x, params, size, self.mode, self.padding_mode,
+                                                        self.align_corners)
         else:
-            warped = functional.tps_grid_sample(x, params, self.control_points, **options)
-        return (warped, params) if return_params else warped
+            warped = functional.tps_grid_sample_solved(x, params, control_points, self.tps_solver, size, self.mode,
+                                                       self.padding_mode, self.align_corners)
+        if return_params:
+            return warped, params
+        return warped
 
     def extra_repr(self) -> str:
         return (
@@ -255,7 +268,7 @@ class DeformConv2d(nn.Module):
             bound = 1 / math.sqrt(fan_in)
             init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return functional.deform_conv2d(
             input, offset, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
             mask=mask,
@@ -301,13 +314,19 @@ class SelfDeformConv2d(DeformConv2d):
         nn.init.zeros_(self.offset_conv.weight)
         nn.init.zeros_(self.offset_conv.bias)
 
-    def forward(self, input: torch.Tensor, return_offsets: bool = False):
+    def forward(self, input: torch.Tensor, return_offsets: bool = False
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
         predicted = self.offset_conv(input)
         offsets = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
         offset = predicted[:, :offsets]
-        mask = 2 * torch.sigmoid(predicted[:, offsets:]) if self.modulated else None
-        out = super().forward(input, offset, mask)
-        return (out, offset, mask) if return_offsets else out
+        mask: Optional[torch.Tensor] = None
+        if self.modulated:
+            mask = 2 * torch.sigmoid(predicted[:, offsets:])
+        out = functional.deform_conv2d(input, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                                       dilation=self.dilation, mask=mask)
+        if return_offsets:
+            return out, offset, mask
+        return out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", offset_groups={self.offset_groups}, modulated={self.modulated}"

@@ -1,0 +1,102 @@
+"""TorchScript: every public function and module scripts, through registered ``torch.ops.stn_triton`` ops.
+
+TorchScript cannot compile the Python functions of ``stn_triton.functional`` (their validation,
+dispatch and autocast rules are plain Python), and deployment code scripts whole models. So each
+public function is also a registered op, ``torch.ops.stn_triton.<name>``, with the function's own
+schema and defaults, whose CompositeImplicitAutograd kernel is the Python function itself
+(validation, backends and autograd included); and each function names, through
+``__prepare_scriptable__``, a TorchScript twin that calls that op. ``torch.jit.script`` of a
+function, or of a module whose ``forward`` calls one, compiles the twin: the scripted graph calls
+the registered op, which runs the same Python as an eager call.
+"""
+
+from typing import Optional
+
+import torch
+
+from stn_triton import functional
+
+_LIBRARY = torch.library.Library("stn_triton", "FRAGMENT")
+_SAMPLING = "str mode='bilinear', str padding_mode='zeros', bool align_corners=False"
+_SCHEMAS = {
+    "grid_sample": f"grid_sample(Tensor input, Tensor grid, {_SAMPLING}) -> Tensor",
+    "affine_grid": "affine_grid(Tensor theta, int[] size, bool align_corners=False) -> Tensor",
+    "affine_grid_sample": f"affine_grid_sample(Tensor input, Tensor theta, int[]? size=None, {_SAMPLING}) -> Tensor",
+    "perspective_grid_sample": (f"perspective_grid_sample(Tensor input, Tensor homography, int[]? size=None, "
+                                f"{_SAMPLING}) -> Tensor"),
+    "tps_grid_sample": (f"tps_grid_sample(Tensor input, Tensor source_points, Tensor? control_points=None, "
+                        f"int[]? size=None, {_SAMPLING}) -> Tensor"),
+    "tps_grid_sample_solved": ("tps_grid_sample_solved(Tensor input, Tensor source_points, Tensor? control_points, "
+                               "Tensor? solver, int[]? size, str mode, str padding_mode, bool align_corners) -> Tensor"),
+    "warp_affine": ("warp_affine(Tensor src, Tensor M, int[] dsize, str mode='bilinear', str padding_mode='zeros', "
+                    "bool align_corners=True, Tensor? fill_value=None) -> Tensor"),
+    "warp_perspective": ("warp_perspective(Tensor src, Tensor M, int[] dsize, str mode='bilinear', "
+                         "str padding_mode='zeros', bool align_corners=True, Tensor? fill_value=None) -> Tensor"),
+    "deform_conv2d": ("deform_conv2d(Tensor input, Tensor offset, Tensor weight, Tensor? bias=None, int[2] stride=1, "
+                      "int[2] padding=0, int[2] dilation=1, Tensor? mask=None) -> Tensor"),
+}
+for _name, _schema in _SCHEMAS.items():
+    _LIBRARY.define(_schema)
+    _LIBRARY.impl(_name, getattr(functional, _name), "CompositeImplicitAutograd")
+
+
+def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
+                align_corners: bool = False) -> torch.Tensor:
+    return torch.ops.stn_triton.grid_sample(input, grid, mode, padding_mode, align_corners)
+
+
+def affine_grid(theta: torch.Tensor, size: list[int], align_corners: bool = False) -> torch.Tensor:
+    return torch.ops.stn_triton.affine_grid(theta, size, align_corners)
+
+
+def affine_grid_sample(input: torch.Tensor, theta: torch.Tensor, size: Optional[list[int]] = None,
+                       mode: str = "bilinear", padding_mode: str = "zeros", align_corners: bool = False) -> torch.Tensor:
+    return torch.ops.stn_triton.affine_grid_sample(input, theta, size, mode, padding_mode, align_corners)
+
+
+def perspective_grid_sample(input: torch.Tensor, homography: torch.Tensor, size: Optional[list[int]] = None,
+                            mode: str = "bilinear", padding_mode: str = "zeros",
+                            align_corners: bool = False) -> torch.Tensor:
+    return torch.ops.stn_triton.perspective_grid_sample(input, homography, size, mode, padding_mode, align_corners)
+
+
+def tps_grid_sample(input: torch.Tensor, source_points: torch.Tensor, control_points: Optional[torch.Tensor] = None,
+                    size: Optional[list[int]] = None, mode: str = "bilinear", padding_mode: str = "zeros",
+                    align_corners: bool = False) -> torch.Tensor:
+    return torch.ops.stn_triton.tps_grid_sample(input, source_points, control_points, size, mode, padding_mode,
+                                                align_corners)
+
+
+def tps_grid_sample_solved(input: torch.Tensor, source_points: torch.Tensor, control_points: Optional[torch.Tensor],
+                           solver: Optional[torch.Tensor], size: Optional[list[int]], mode: str, padding_mode: str,
+                           align_corners: bool) -> torch.Tensor:
+    return torch.ops.stn_triton.tps_grid_sample_solved(input, source_points, control_points, solver, size, mode,
+                                                       padding_mode, align_corners)
+
+
+def warp_affine(src: torch.Tensor, M: torch.Tensor, dsize: list[int], mode: str = "bilinear",
+                padding_mode: str = "zeros", align_corners: bool = True,
+                fill_value: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return torch.ops.stn_triton.warp_affine(src, M, dsize, mode, padding_mode, align_corners, fill_value)
+
+
+def warp_perspective(src: torch.Tensor, M: torch.Tensor, dsize: list[int], mode: str = "bilinear",
+                     padding_mode: str = "zeros", align_corners: bool = True,
+                     fill_value: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return torch.ops.stn_triton.warp_perspective(src, M, dsize, mode, padding_mode, align_corners, fill_value)
+
+
+def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                  dilation: tuple[int, int] = (1, 1), mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return torch.ops.stn_triton.deform_conv2d(input, offset, weight, bias, [stride[0], stride[1]],
+                                              [padding[0], padding[1]], [dilation[0], dilation[1]], mask)
+
+
+def _scripted_twin(name: str):
+    twin = globals()[name]
+    return lambda: twin
+
+
+for _name in _SCHEMAS:
+    getattr(functional, _name).__prepare_scriptable__ = _scripted_twin(_name)

@@ -1,0 +1,81 @@
+"""TorchScript: every public function and module scripts (deployment code scripts whole models) and
+computes what it computes eagerly, through the registered ``torch.ops.stn_triton`` ops."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import stn_triton
+from conftest import DEVICE, generator, rand, randn
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+
+
+def script(fn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(fn)
+
+
+def test_functions_script_and_equal_their_eager_calls():
+    gen = generator(1)
+    x = randn((2, 3, 6, 7), gen, torch.float32)
+    grid = rand((2, 4, 5, 2), gen, -1.1, 1.1, torch.float32)
+    theta = (torch.eye(2, 3) + 0.1 * torch.randn(2, 2, 3, generator=gen)).to(DEVICE)
+    homography = (torch.eye(3) + 0.05 * torch.randn(2, 3, 3, generator=gen)).to(DEVICE)
+    source = (stn_triton.geometry.regular_control_points(9, torch.float32, "cpu")
+              + 0.05 * torch.randn(2, 9, 2, generator=gen)).to(DEVICE)
+    M = torch.tensor([[1.0, 0.1, 0.5], [0.05, 0.9, -0.3]], device=DEVICE).repeat(2, 1, 1)
+    calls = [
+        (stn_triton.grid_sample, (x, grid, "bicubic", "border", True)),
+        (stn_triton.affine_grid, (theta, [2, 3, 4, 5], True)),
+        (stn_triton.affine_grid_sample, (x, theta, [2, 3, 4, 5])),
+        (stn_triton.perspective_grid_sample, (x, homography)),
+        (stn_triton.tps_grid_sample, (x, source)),
+        (stn_triton.warp_affine, (x, M, [5, 6], "bilinear", "fill", True, torch.full((3,), 0.5, device=DEVICE))),
+        (stn_triton.warp_perspective, (x, torch.cat([M, M[:, :1] * 0 + torch.tensor([0.0, 0.0, 1.0], device=DEVICE)], 1),
+                                       [5, 6])),
+    ]
+    for fn, args in calls:
+        torch.testing.assert_close(script(fn)(*args), fn(*args), msg=fn.__name__)
+    torch.testing.assert_close(script(stn_triton.grid_sample)(x, grid), F.grid_sample(x, grid, align_corners=False))
+
+
+def test_deform_conv2d_scripts_as_torchvisions_does():
+    gen = generator(2)
+    x = randn((2, 4, 5, 5), gen, torch.float32)
+    offset = randn((2, 18, 5, 5), gen, torch.float32)
+    weight = randn((6, 4, 3, 3), gen, torch.float32)
+    mask = rand((2, 9, 5, 5), gen, 0.0, 1.0, torch.float32)
+    scripted = script(stn_triton.deform_conv2d)
+    torch.testing.assert_close(scripted(x, offset, weight, None, (1, 1), (1, 1), (1, 1), mask),
+                               stn_triton.deform_conv2d(x, offset, weight, padding=1, mask=mask))
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda: stn_triton.DeformConv2d(4, 6, 3, padding=1), id="DeformConv2d"),
+    pytest.param(lambda: stn_triton.SelfDeformConv2d(4, 6, 3, padding=1), id="SelfDeformConv2d"),
+    pytest.param(lambda: stn_triton.SpatialTransformer(4, (5, 5)), id="SpatialTransformer-affine"),
+    pytest.param(lambda: stn_triton.SpatialTransformer(4, (5, 5), transform="projective"), id="projective"),
+    pytest.param(lambda: stn_triton.SpatialTransformer(4, (5, 5), transform="tps", num_control_points=9), id="tps"),
+])
+def test_modules_script_and_train_as_their_eager_selves(make):
+    torch.manual_seed(0)
+    module = make().to(DEVICE)
+    if isinstance(module, stn_triton.SpatialTransformer):
+        with torch.no_grad():  # off the identity, so that the warp does something
+            module.head.bias.add_(0.05 * torch.randn(module.head.bias.shape, device=DEVICE))
+    scripted = script(module)
+    gen = generator(3)
+    x = randn((2, 4, 5, 5), gen, torch.float32)
+    args = (x, randn((2, 18, 5, 5), gen, torch.float32)) if type(module) is stn_triton.DeformConv2d else (x,)
+    outputs = []
+    for m in (module, scripted):
+        leaves = [a.detach().clone().requires_grad_() for a in args]
+        out = m(*leaves)
+        out.square().sum().backward()
+        outputs.append((out.detach(), *(a.grad for a in leaves)))
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b)
