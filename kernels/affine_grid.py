@@ -20,18 +20,18 @@ def affine_base(q, D, H, W, ALIGN_CORNERS: tl.constexpr, NDIM: tl.constexpr, F64
     return base_position(d, h, w, D, H, W, ALIGN_CORNERS, NDIM, F64)
 
 
-@triton.jit(do_not_specialize=["P", "D", "H", "W"])
+@triton.jit(do_not_specialize=["ROWS", "D", "H", "W"])
 def _affine_grid_kernel(
     theta_ptr,  # [N, NDIM, NDIM + 1] affine maps, output -> input, normalized coordinates
     grid_ptr,  # [N, D, H, W, NDIM] contiguous out: sample points (D = 1 for 2-D)
-    P, D, H, W,  # N * D * H * W output pixels, and the output spatial size
+    ROWS, D, H, W,  # N * D * H * W output pixels, and the output spatial size
     st_n, st_i, st_j,  # theta strides
     ALIGN_CORNERS: tl.constexpr, NDIM: tl.constexpr, F64: tl.constexpr,
     COLS: tl.constexpr,  # NDIM rounded up to a power of two: the grid tile's columns
     INDEX_64: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     p = as_index(tl.program_id(0), INDEX_64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask = p < P
+    mask = p < ROWS
     image = D * H * W
     n = p // image
     x, y, z = affine_base(p % image, D, H, W, ALIGN_CORNERS, NDIM, F64)

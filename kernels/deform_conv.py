@@ -99,6 +99,22 @@ def scatter_add(rows, columns, values, row_mask, column_mask, CHANNELS_FASTEST: 
 
 
 @triton.jit
+def modulated_samples(x_image, y, x, modulation, W, H, sx_h, sx_w, channels, row_mask, c_mask,
+                      INDEX_64: tl.constexpr, CHANNELS_FASTEST: tl.constexpr, F64: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[BLOCK_M, BLOCK_K]``: each row's bilinear read at its sample point (y, x) of the channels at
+    offsets ``channels``, times its modulation; corner by corner, one loaded corner live at a time.
+    The rows of the forward's A tile and of the weight gradient's B tile."""
+    samples = to_compute(tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), F64)
+    for t in tl.static_range(4):
+        xi, yi, _, inside, weight, _, _, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
+        rows = x_image + as_index(yi, INDEX_64) * sx_h + as_index(xi, INDEX_64) * sx_w
+        value = gather(rows, channels, row_mask & inside, c_mask, CHANNELS_FASTEST)
+        samples += (weight * modulation)[:, None] * to_compute(value, F64)
+    return samples
+
+
+@triton.jit
 def gemm_operand(x, LOW_PRECISION: tl.constexpr, dtype: tl.constexpr):
     """A tile as tl.dot takes it: in the tensors' half dtype for tensor cores, else as computed."""
     if LOW_PRECISION:
@@ -114,13 +130,13 @@ def _deform_conv_fwd_kernel(
     mask_ptr,  # [N, G * K, HO, WO] modulation (HAS_MASK)
     w_ptr,  # [COUT, CG, KH, KW] weight
     b_ptr,  # [COUT] bias (HAS_BIAS)
-    out_ptr,  # [N, COUT, HO, WO] output
+    y_ptr,  # [N, COUT, HO, WO] output
     P,  # HO * WO output pixels per image
     H, W, WO, KW, K,  # K = KH * KW taps
     CG, COG, CPG,  # input channels per conv group, output channels per conv group, input channels per offset group
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
-    so_n, so_c, so_p,
+    soff_n, soff_c, soff_p,
     sm_n, sm_c, sm_p,
     sw_o, sw_i, sw_h, sw_w,
     sy_n, sy_c, sy_p,
@@ -134,15 +150,18 @@ def _deform_conv_fwd_kernel(
     """One program: BLOCK_M pixels of one image x BLOCK_N output channels of one conv group.
 
     For each tap and each offset group overlapping the conv group, the sample point of every row
-    (offsets, corners, bilinear weights times the modulation) is computed once; the A tile of each
-    channel chunk is then summed corner by corner (one loaded corner live at a time) and multiplied.
+    (offsets, modulation) is computed before the channel loop; the corners and bilinear weights
+    (``tap()`` in ``modulated_samples``) are written inside it and depend on no channel, so the
+    compiler hoists them (compiled for sm_90 at dcn_r50: every floor before the channel loop). The A
+    tile of each channel chunk is summed corner by corner (one loaded corner live at a time) and
+    multiplied.
     """
     n, p, row_mask = image_pixels(tl.program_id(0), P, BLOCK_M, INDEX_64)
     oy = p // WO
     ox = p % WO
     group, co, co_mask = output_channels(tl.program_id(1), COG, BLOCK_N)
     x_image = x_ptr + n * sx_n
-    off_rows = off_ptr + n * so_n + p * so_p
+    off_rows = off_ptr + n * soff_n + p * soff_p
     mask_rows = mask_ptr + n * sm_n + p * sm_p
     first_og = (group * CG) // CPG
     last_og = ((group + 1) * CG - 1) // CPG
@@ -150,8 +169,8 @@ def _deform_conv_fwd_kernel(
     for k in range(0, K):
         for og in range(first_og, last_og + 1):
             channel = as_index(og * K + k, INDEX_64)
-            dy = to_compute(tl.load(off_rows + 2 * channel * so_c, mask=row_mask, other=0.0), F64)
-            dx = to_compute(tl.load(off_rows + (2 * channel + 1) * so_c, mask=row_mask, other=0.0), F64)
+            dy = to_compute(tl.load(off_rows + 2 * channel * soff_c, mask=row_mask, other=0.0), F64)
+            dx = to_compute(tl.load(off_rows + (2 * channel + 1) * soff_c, mask=row_mask, other=0.0), F64)
             y, x = tap_position(oy, ox, k, KW, dy, dx, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
             if HAS_MASK:
                 modulation = to_compute(tl.load(mask_rows + channel * sm_c, mask=row_mask, other=0.0), F64)
@@ -162,12 +181,8 @@ def _deform_conv_fwd_kernel(
             for c0 in range(lo, hi, BLOCK_K):
                 ci = c0 + tl.arange(0, BLOCK_K)
                 c_mask = ci < hi
-                a = to_compute(tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), F64)
-                for t in tl.static_range(4):
-                    xi, yi, _, inside, weight, _, _, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
-                    rows = x_image + as_index(yi, INDEX_64) * sx_h + as_index(xi, INDEX_64) * sx_w
-                    value = gather(rows, as_index(ci, INDEX_64) * sx_c, row_mask & inside, c_mask, CHANNELS_FASTEST)
-                    a += (weight * modulation)[:, None] * to_compute(value, F64)
+                a = modulated_samples(x_image, y, x, modulation, W, H, sx_h, sx_w, as_index(ci, INDEX_64) * sx_c,
+                                      row_mask, c_mask, INDEX_64, CHANNELS_FASTEST, F64, BLOCK_M, BLOCK_K)
                 cl = ci - group * CG
                 w_tile = w_ptr + (co * sw_o)[None, :] + (cl * sw_i)[:, None] + (k // KW) * sw_h + (k % KW) * sw_w
                 w = tl.load(w_tile, mask=c_mask[:, None] & co_mask[None, :], other=0.0)
@@ -176,8 +191,8 @@ def _deform_conv_fwd_kernel(
                 acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     if HAS_BIAS:
         acc += to_compute(tl.load(b_ptr + co, mask=co_mask, other=0.0), F64)[None, :]
-    out = (out_ptr + n * sy_n + p * sy_p)[:, None] + (as_index(co, INDEX_64) * sy_c)[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & co_mask[None, :])
+    out = (y_ptr + n * sy_n + p * sy_p)[:, None] + (as_index(co, INDEX_64) * sy_c)[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & co_mask[None, :])
 
 
 @triton.jit(do_not_specialize=SIZES)
@@ -191,7 +206,7 @@ def _deform_conv_bwd_data_kernel(
     P, C, H, W, WO, KW, K, CG, COG, CPG,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
-    so_n, so_c, so_p,
+    soff_n, soff_c, soff_p,
     sm_n, sm_c, sm_p,
     sw_o, sw_i, sw_h, sw_w,
     sgy_n, sgy_c, sgy_p,
@@ -223,15 +238,15 @@ def _deform_conv_bwd_data_kernel(
     G = C // CPG
     x_image = x_ptr + n * sx_n
     gx_image = gx_ptr + n * sx_n
-    off_rows = off_ptr + n * so_n + p * so_p
+    off_rows = off_ptr + n * soff_n + p * soff_p
     mask_rows = mask_ptr + n * sm_n + p * sm_p
     gy_rows = gy_ptr + n * sgy_n + p * sgy_p
     first_group = (g * CPG) // CG
     last_group = ((g + 1) * CPG - 1) // CG
     for k in range(0, K):
         channel = as_index(g * K + k, INDEX_64)
-        dy = to_compute(tl.load(off_rows + 2 * channel * so_c, mask=row_mask, other=0.0), F64)
-        dx = to_compute(tl.load(off_rows + (2 * channel + 1) * so_c, mask=row_mask, other=0.0), F64)
+        dy = to_compute(tl.load(off_rows + 2 * channel * soff_c, mask=row_mask, other=0.0), F64)
+        dx = to_compute(tl.load(off_rows + (2 * channel + 1) * soff_c, mask=row_mask, other=0.0), F64)
         y, x = tap_position(oy, ox, k, KW, dy, dx, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
         if HAS_MASK:
             modulation = to_compute(tl.load(mask_rows + channel * sm_c, mask=row_mask, other=0.0), F64)
@@ -298,7 +313,7 @@ def _deform_conv_bwd_weight_kernel(
     H, W, WO, KW, K, COUT, CG, COG, CPG,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
-    so_n, so_c, so_p,
+    soff_n, soff_c, soff_p,
     sm_n, sm_c, sm_p,
     sgy_n, sgy_c, sgy_p,
     HAS_MASK: tl.constexpr, F64: tl.constexpr, LOW_PRECISION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -336,24 +351,21 @@ def _deform_conv_bwd_weight_kernel(
         oy = p // WO
         ox = p % WO
         x_image = x_ptr + n * sx_n
-        off_rows = off_ptr + n * so_n + p * so_p
+        off_rows = off_ptr + n * soff_n + p * soff_p
         mask_rows = mask_ptr + n * sm_n + p * sm_p
         b = to_compute(tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), F64)
         for og in range(first_og, last_og + 1):
             channel = as_index(og * K + k, INDEX_64)
-            dy = to_compute(tl.load(off_rows + 2 * channel * so_c, mask=row_mask, other=0.0), F64)
-            dx = to_compute(tl.load(off_rows + (2 * channel + 1) * so_c, mask=row_mask, other=0.0), F64)
+            dy = to_compute(tl.load(off_rows + 2 * channel * soff_c, mask=row_mask, other=0.0), F64)
+            dx = to_compute(tl.load(off_rows + (2 * channel + 1) * soff_c, mask=row_mask, other=0.0), F64)
             y, x = tap_position(oy, ox, k, KW, dy, dx, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
             if HAS_MASK:
                 modulation = to_compute(tl.load(mask_rows + channel * sm_c, mask=row_mask, other=0.0), F64)
             else:
                 modulation = tl.full([BLOCK_M], 1.0, dy.dtype)
             og_mask = c_mask & (ci >= og * CPG) & (ci < (og + 1) * CPG)
-            for t in tl.static_range(4):
-                xi, yi, _, inside, weight, _, _, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
-                rows = x_image + as_index(yi, INDEX_64) * sx_h + as_index(xi, INDEX_64) * sx_w
-                value = gather(rows, as_index(ci, INDEX_64) * sx_c, row_mask & inside, og_mask, CHANNELS_FASTEST)
-                b += (weight * modulation)[:, None] * to_compute(value, F64)
+            b += modulated_samples(x_image, y, x, modulation, W, H, sx_h, sx_w, as_index(ci, INDEX_64) * sx_c,
+                                   row_mask, og_mask, INDEX_64, CHANNELS_FASTEST, F64, BLOCK_M, BLOCK_K)
         gy_tile = (gy_ptr + n * sgy_n + p * sgy_p)[None, :] + (as_index(co, INDEX_64) * sgy_c)[:, None]
         gy = tl.load(gy_tile, mask=co_mask[:, None] & row_mask[None, :], other=0.0)
         if BIAS_GRAD:
@@ -376,7 +388,7 @@ def _deform_conv_taps_kernel(
     source_ptr,  # [N * HO * WO, G, K] int64 out: offset of the read's channels in the column gradient [M, K, C]
     P, C, H, W, WO, KW, K, G, CPG,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    so_n, so_c, so_p,
+    soff_n, soff_c, soff_p,
     sgx_n, sgx_c, sgx_h, sgx_w,  # grad_input strides
     F64: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -387,9 +399,9 @@ def _deform_conv_taps_kernel(
     ox = p % WO
     g = tl.program_id(1) // K
     k = tl.program_id(1) % K
-    off = off_ptr + n * so_n + p * so_p + 2 * (g * K + k) * so_c
+    off = off_ptr + n * soff_n + p * soff_p + 2 * (g * K + k) * soff_c
     dy = to_compute(tl.load(off, mask=row_mask, other=0.0), F64)
-    dx = to_compute(tl.load(off + so_c, mask=row_mask, other=0.0), F64)
+    dx = to_compute(tl.load(off + soff_c, mask=row_mask, other=0.0), F64)
     y, x = tap_position(oy, ox, k, KW, dy, dx, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
     m = n * P + p
     read = (m * G + g) * K + k

@@ -95,12 +95,12 @@ def outer_sum(r0, r1, r2, c0, c1, c2, c3):
 
 @triton.jit
 def store_transform_grad(
-    out_ptr,  # GRID: grad_grid [N, Q, NDIM]; AFFINE / PROJECTIVE: [rows, 4, 4]; TPS: [rows, K + 3, 2]
-    row, n, q, Q, mask,  # this program's row of partial sums, its image, its pixels and their validity
-    gx, gy, gz,  # d loss / d normalized sample point, per pixel (0 where masked)
+    grad_ptr,  # GRID: grad_grid [N, P, NDIM]; AFFINE / PROJECTIVE: [rows, 4, 4]; TPS: [rows, CP + 3, 2]
+    row, n, q, P, mask,  # this program's row of partial sums, its image, its pixels and their validity
+    gnx, gny, gnz,  # d loss / d normalized sample point, per pixel (0 where masked)
     x, y,  # the sample points (PROJECTIVE)
     bx, by, bz, den,  # the output pixels' base positions, and the projective divisor
-    ctrl_ptr, K,
+    ctrl_ptr, CP,
     TRANSFORM: tl.constexpr, NDIM: tl.constexpr, F64: tl.constexpr,
 ):
     """Write the gradient of the transform: per pixel for a grid, else this program's partial sums.
@@ -110,41 +110,41 @@ def store_transform_grad(
     The partial sums of all programs are added on the host: no atomics, a fixed order.
     """
     if TRANSFORM == GRID:
-        g = out_ptr + (n * Q + q) * NDIM
-        tl.store(g, gx.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(g + 1, gy.to(out_ptr.dtype.element_ty), mask=mask)
+        g = grad_ptr + (n * P + q) * NDIM
+        tl.store(g, gnx.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(g + 1, gny.to(grad_ptr.dtype.element_ty), mask=mask)
         if NDIM == 3:
-            tl.store(g + 2, gz.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(g + 2, gnz.to(grad_ptr.dtype.element_ty), mask=mask)
     elif TRANSFORM == TPS:
-        partial = out_ptr + row * (K + 3) * 2
-        for k in range(K):
+        partial = grad_ptr + row * (CP + 3) * 2
+        for k in range(CP):
             dx = bx - to_compute(tl.load(ctrl_ptr + 2 * k), F64)
             dy = by - to_compute(tl.load(ctrl_ptr + 2 * k + 1), F64)
             radial = tps_radial(dx * dx + dy * dy)
-            tl.store(partial + 2 * k, tl.sum(gx * radial, axis=0))
-            tl.store(partial + 2 * k + 1, tl.sum(gy * radial, axis=0))
-        tl.store(partial + 2 * K, tl.sum(gx, axis=0))
-        tl.store(partial + 2 * K + 1, tl.sum(gy, axis=0))
-        tl.store(partial + 2 * K + 2, tl.sum(gx * bx, axis=0))
-        tl.store(partial + 2 * K + 3, tl.sum(gy * bx, axis=0))
-        tl.store(partial + 2 * K + 4, tl.sum(gx * by, axis=0))
-        tl.store(partial + 2 * K + 5, tl.sum(gy * by, axis=0))
+            tl.store(partial + 2 * k, tl.sum(gnx * radial, axis=0))
+            tl.store(partial + 2 * k + 1, tl.sum(gny * radial, axis=0))
+        tl.store(partial + 2 * CP, tl.sum(gnx, axis=0))
+        tl.store(partial + 2 * CP + 1, tl.sum(gny, axis=0))
+        tl.store(partial + 2 * CP + 2, tl.sum(gnx * bx, axis=0))
+        tl.store(partial + 2 * CP + 3, tl.sum(gny * bx, axis=0))
+        tl.store(partial + 2 * CP + 4, tl.sum(gnx * by, axis=0))
+        tl.store(partial + 2 * CP + 5, tl.sum(gny * by, axis=0))
     else:
         one = bx * 0 + 1
         if TRANSFORM == AFFINE:
             if NDIM == 3:
-                acc = outer_sum(gx, gy, gz, bx, by, bz, one)
+                acc = outer_sum(gnx, gny, gnz, bx, by, bz, one)
             else:
-                acc = outer_sum(gx, gy, gz, bx, by, one, bx * 0)
+                acc = outer_sum(gnx, gny, gnz, bx, by, one, bx * 0)
         else:
             # d(u/den)/dH[0, j] = b_j / den and d(u/den)/dH[2, j] = -(u/den) b_j / den (same for v);
             # a non-finite point has no gradient and must not turn 0 * inf into NaN.
             finite = mask & (tl.abs(x) < 3.0e38) & (tl.abs(y) < 3.0e38) & (den != 0)
             safe_den = tl.where(finite, den, 1.0)
-            gx = tl.where(finite, gx / safe_den, 0.0)
-            gy = tl.where(finite, gy / safe_den, 0.0)
-            gz = -(gx * tl.where(finite, x, 0.0) + gy * tl.where(finite, y, 0.0))
-            acc = outer_sum(gx, gy, gz, bx, by, one, bx * 0)
+            gnx = tl.where(finite, gnx / safe_den, 0.0)
+            gny = tl.where(finite, gny / safe_den, 0.0)
+            gnz = -(gnx * tl.where(finite, x, 0.0) + gny * tl.where(finite, y, 0.0))
+            acc = outer_sum(gnx, gny, gnz, bx, by, one, bx * 0)
         rows = tl.arange(0, 4)
         cols = tl.arange(0, 4)
-        tl.store(out_ptr + row * 16 + rows[:, None] * 4 + cols[None, :], acc)
+        tl.store(grad_ptr + row * 16 + rows[:, None] * 4 + cols[None, :], acc)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import stn_triton
 import training
 from stn_triton import fallback
+from stn_triton.geometry import tps_radial
 from stn_triton.shapes import SHAPES, BenchShape
 
 Inputs = dict[str, torch.Tensor]
@@ -271,8 +272,7 @@ def ours_tps_grid_sample(input, source_points, control_points, *, out_size):
 
 def _tps_radial(points: torch.Tensor, control_points: torch.Tensor) -> torch.Tensor:
     """U(|p - c_k|) = r^2 log r^2 (0 at r = 0): [..., P, 2] x [K, 2] -> [..., P, K]."""
-    squared = (points.unsqueeze(-2) - control_points).pow(2).sum(-1)
-    return torch.where(squared > 0, squared * torch.log(squared.clamp_min(1e-30)), torch.zeros_like(squared))
+    return tps_radial((points.unsqueeze(-2) - control_points).pow(2).sum(-1))
 
 
 def eager_tps_grid_sample(input, source_points, control_points, *, out_size):

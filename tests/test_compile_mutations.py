@@ -127,7 +127,7 @@ def test_an_atomic_backward_writes_grad_input_and_the_transform_gradient(launche
     """The analysis must see the true outputs, or the test above could pass on an analysis that sees nothing."""
     backward = [launch for launch in launches if launch["call"] == "affine_grid_sample" and launch["kernel"] == "sample_bwd"
                 and not launch["deterministic"]]
-    assert backward and all(launch["writes"] == ["gcoords_ptr", "ginp_ptr"] for launch in backward)
+    assert backward and all(launch["writes"] == ["gcoords_ptr", "gx_ptr"] for launch in backward)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def affine_grid_forward(theta: torch.Tensor, spec: GridSpec) -> torch.Tensor:
     launch = _grid_kernel.choose(f"{theta.dtype}|d{ndim}|p{bucket(pixels)}", {}, theta.device)
     launch(
         lambda meta: (cdiv(pixels, meta["BLOCK_P"]),),
-        theta_ptr=theta, grid_ptr=grid, P=pixels, D=d, H=h, W=w,
+        theta_ptr=theta, grid_ptr=grid, ROWS=pixels, D=d, H=h, W=w,
         st_n=theta.stride(0), st_i=theta.stride(1), st_j=theta.stride(2),
         ALIGN_CORNERS=spec.align_corners, NDIM=ndim, F64=torch.float64 in (theta.dtype, spec.out_dtype),
         COLS=next_power_of_2(ndim), INDEX_64=needs_int64(grid),

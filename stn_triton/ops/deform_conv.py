@@ -179,10 +179,10 @@ def deform_conv2d_forward(input, offset, weight, bias, mask, spec: ConvSpec) -> 
     launch(
         lambda meta: (shape.batch * cdiv(pixels, meta["BLOCK_M"]), shape.groups * cdiv(cog, meta["BLOCK_N"])),
         x_ptr=call.x, off_ptr=call.offset, mask_ptr=call.mask, w_ptr=call.weight,
-        b_ptr=bias.contiguous() if bias is not None else call.weight, out_ptr=out,  # the kernel reads b_ptr + co
+        b_ptr=bias.contiguous() if bias is not None else call.weight, y_ptr=out,  # the kernel reads b_ptr + co
         P=pixels, H=shape.height, W=shape.width, WO=shape.out_w, KW=shape.kernel_w, K=shape.taps,
         CG=shape.group_channels, COG=cog, CPG=shape.offset_group_channels, **call.conv,
-        **_strides("sx", call.x), **_pixel_strides("so", call.offset), **_pixel_strides("sm", call.mask),
+        **_strides("sx", call.x), **_pixel_strides("soff", call.offset), **_pixel_strides("sm", call.mask),
         **_strides("sw", call.weight, "oihw"), **_pixel_strides("sy", out),
         HAS_BIAS=bias is not None, INDEX_64=needs_int64(call.x, call.offset, call.mask, out), **call.meta,
     )
@@ -224,7 +224,7 @@ def deform_conv2d_backward(grad_output, input, offset, weight, mask, spec: ConvB
             goff_ptr=grad_offset if spec.offset_grad else call.offset, gmask_ptr=grad_mask if mask_grad else call.mask,
             P=shape.pixels, C=shape.channels, H=shape.height, W=shape.width, WO=shape.out_w, KW=shape.kernel_w,
             K=shape.taps, CG=shape.group_channels, COG=shape.group_out_channels, CPG=shape.offset_group_channels,
-            **call.conv, **_strides("sx", call.x), **_pixel_strides("so", call.offset),
+            **call.conv, **_strides("sx", call.x), **_pixel_strides("soff", call.offset),
             **_pixel_strides("sm", call.mask), **_strides("sw", call.weight, "oihw"), **_pixel_strides("sgy", grad_output),
             INDEX_64=needs_int64(grad_output, call.x, call.offset, call.mask, gx_arg, columns),
             INPUT_GRAD=atomic_input_grad, COLUMNS=sorted_input_grad, OFFSET_GRAD=spec.offset_grad, MASK_GRAD=mask_grad,
@@ -265,7 +265,7 @@ def _weight_grad(grad_output: torch.Tensor, call: _Call, bias_grad: bool) -> tup
         P=shape.pixels, P_PAD=padded_pixels(shape.pixels), ROWS=rows, ROWS_PER_SPLIT=rows_per_split,
         H=shape.height, W=shape.width, WO=shape.out_w, KW=shape.kernel_w, K=shape.taps, COUT=shape.out_channels,
         CG=cg, COG=cog, CPG=shape.offset_group_channels, **call.conv,
-        **_strides("sx", call.x), **_pixel_strides("so", call.offset), **_pixel_strides("sm", call.mask),
+        **_strides("sx", call.x), **_pixel_strides("soff", call.offset), **_pixel_strides("sm", call.mask),
         **_pixel_strides("sgy", grad_output),
         INDEX_64=needs_int64(grad_output, call.x, call.offset, call.mask) or splits * rows_per_split > INT32_LIMIT,
         BIAS_GRAD=bias_grad, **call.meta,
@@ -288,7 +288,7 @@ def _sorted_grad_input(columns: torch.Tensor, call: _Call) -> torch.Tensor:
         lambda meta: (shape.batch * cdiv(shape.pixels, meta["BLOCK_M"]), g * k),
         off_ptr=call.offset, key_ptr=keys, weight_ptr=weights, source_ptr=sources,
         P=shape.pixels, C=shape.channels, H=shape.height, W=shape.width, WO=shape.out_w, KW=shape.kernel_w, K=k, G=g,
-        CPG=shape.offset_group_channels, **call.conv, **_pixel_strides("so", call.offset),
+        CPG=shape.offset_group_channels, **call.conv, **_pixel_strides("soff", call.offset),
         **_strides("sgx", grad_input), F64=call.meta["F64"],
     )
     scatter_sorted(grad_input, grad_input.stride(1), shape.offset_group_channels, keys, weights, sources, columns, 1,

@@ -78,7 +78,7 @@ def _weight_heuristic(rows, group_channels, group_out_channels, offset_group_cha
 
 fwd_kernel = TunedKernel(
     "deform_conv_fwd", _deform_conv_fwd_kernel, FWD_CONFIGS, _fwd_heuristic, GEMM_KEY,
-    writes=("out_ptr",), interpreter_config=INTERPRETER_BLOCKS,
+    writes=("y_ptr",), interpreter_config=INTERPRETER_BLOCKS,
 )
 bwd_data_kernel = TunedKernel(
     "deform_conv_bwd_data", _deform_conv_bwd_data_kernel, DATA_CONFIGS, _data_heuristic,

@@ -71,7 +71,7 @@ class SampleSpec:
 
     @property
     def pixels(self) -> int:
-        """Output pixels per image (Q)."""
+        """Output pixels per image (P)."""
         return math.prod(self.size)
 
     @property
@@ -142,14 +142,14 @@ def _arguments(input, coords, control_points, fill, spec: SampleSpec) -> dict:
     od, oh, ow = spec.size if spec.ndim == 3 else (1, *spec.size)
     stand_in = coords
     return dict(
-        inp_ptr=input, coords_ptr=coords, ctrl_ptr=control_points if control_points is not None else stand_in,
-        fill_ptr=fill if fill is not None else stand_in, out_ptr=stand_in, gout_ptr=stand_in, ginp_ptr=stand_in,
+        x_ptr=input, coords_ptr=coords, ctrl_ptr=control_points if control_points is not None else stand_in,
+        fill_ptr=fill if fill is not None else stand_in, y_ptr=stand_in, gy_ptr=stand_in, gx_ptr=stand_in,
         gcoords_ptr=stand_in, key_ptr=stand_in, weight_ptr=stand_in, source_ptr=stand_in,
-        Q=od * oh * ow, C=input.shape[1], D=d, H=h, W=w, OD=od, OH=oh, OW=ow,
-        K=0 if control_points is None else control_points.shape[0], PARTIALS=0, SPLITS=1,
-        **named_strides("si", input), **_coords_strides(coords, spec.transform),
-        so_n=0, so_c=0, so_q=0, **dict.fromkeys(("sgo_n", "sgo_c", "sgo_d", "sgo_h", "sgo_w"), 0),
-        **dict.fromkeys(("sgi_n", "sgi_c", "sgi_d", "sgi_h", "sgi_w"), 0), sgc_split=0,
+        P=od * oh * ow, C=input.shape[1], D=d, H=h, W=w, OD=od, OH=oh, OW=ow,
+        CP=0 if control_points is None else control_points.shape[0], PARTIALS=0, SPLITS=1,
+        **named_strides("sx", input), **_coords_strides(coords, spec.transform),
+        sy_n=0, sy_c=0, sy_p=0, **dict.fromkeys(("sgy_n", "sgy_c", "sgy_d", "sgy_h", "sgy_w"), 0),
+        **dict.fromkeys(("sgx_n", "sgx_c", "sgx_d", "sgx_h", "sgx_w"), 0), sgc_split=0,
         PASS=codes.FORWARD, TRANSFORM=spec.transform, MODE=spec.mode, PADDING=spec.padding, FILL=fill is not None,
         ALIGN_CORNERS=spec.align_corners, NDIM=spec.ndim, TAPS=spec.taps,
         F64=torch.float64 in (input.dtype, coords.dtype, spec.out_dtype),
@@ -167,7 +167,7 @@ def sample_forward(input, coords, control_points, fill, spec: SampleSpec) -> tor
     launch = fwd_kernel.choose(shape_key("fwd", input, spec), heuristic_shape(input, spec, False), input.device)
     splits = channel_splits(images, pixels, channels, launch, input.device)
     args = _arguments(input, coords, control_points, fill, spec)
-    args.update(out_ptr=out, so_n=out.stride(0), so_c=out.stride(1), so_q=out.stride(-1), SPLITS=splits,
+    args.update(y_ptr=out, sy_n=out.stride(0), sy_c=out.stride(1), sy_p=out.stride(-1), SPLITS=splits,
                 EVEN_C=channels % launch.most("BLOCK_C") == 0, INDEX_64=needs_int64(input, coords, out))
     launch(lambda meta: (images * cdiv(pixels, meta["BLOCK_P"]), splits), **args)
     return out
@@ -198,15 +198,15 @@ def sample_backward(grad_output, input, coords, control_points, fill, spec: Samp
             grad_coords = _coords_grad_buffer(coords, forward.transform, splits, images * partials)
             args.update(gcoords_ptr=grad_coords, PARTIALS=partials, sgc_split=grad_coords[0].numel())
         if atomic_input_grad:
-            args.update(ginp_ptr=grad_input, **named_strides("sgi", grad_input))
+            args.update(gx_ptr=grad_input, **named_strides("sgx", grad_input))
         else:
             # Never written; a one-element stand-in, since the autotuner zeroes this argument between trials.
-            args.update(ginp_ptr=input.new_empty(1))
+            args.update(gx_ptr=input.new_empty(1))
         args.update(
-            gout_ptr=grad_output, **named_strides("sgo", grad_output), SPLITS=splits, PASS=codes.BACKWARD,
+            gy_ptr=grad_output, **named_strides("sgy", grad_output), SPLITS=splits, PASS=codes.BACKWARD,
             EVEN_C=channels % launch.most("BLOCK_C") == 0,
             INPUT_GRAD=atomic_input_grad, COORD_GRAD=coords_grad,
-            INDEX_64=needs_int64(grad_output, input, coords, args["ginp_ptr"], args["gcoords_ptr"]),
+            INDEX_64=needs_int64(grad_output, input, coords, args["gx_ptr"], args["gcoords_ptr"]),
         )
         launch(lambda meta: (images * cdiv(pixels, meta["BLOCK_P"]), splits), **args)
     if atomic_input_grad:
@@ -256,7 +256,7 @@ def _deterministic_grad_input(grad_output, input, spec: SampleSpec, args: dict) 
     launch = taps_kernel.choose(key, heuristic_shape(input, spec, True), input.device)
     args.update(key_ptr=keys, weight_ptr=weights, source_ptr=sources, PASS=codes.LIST_TAPS, SPLITS=1,
                 INPUT_GRAD=False, COORD_GRAD=False, INDEX_64=needs_int64(input, args["coords_ptr"]),
-                **named_strides("sgo", grad_output), **named_strides("sgi", grad_input))
+                **named_strides("sgy", grad_output), **named_strides("sgx", grad_input))
     launch(lambda meta: (images * cdiv(spec.pixels, meta["BLOCK_P"]),), **args)
     scatter_sorted(grad_input, grad_input.stride(1), channels, keys, weights, sources, grad_output,
                    grad_output.stride(1), destinations=grad_input.numel() // max(channels, 1), key=key)

@@ -63,14 +63,14 @@ def taps_heuristic(**shape) -> triton.Config:
 
 AUTOTUNE_KEY = ["C", "PASS", "TRANSFORM", "MODE", "NDIM", "F64", "INPUT_GRAD", "COORD_GRAD"]
 fwd_kernel = TunedKernel(
-    "sample_fwd", _sample_kernel, SAMPLE_CONFIGS, sample_heuristic, AUTOTUNE_KEY, writes=("out_ptr",),
+    "sample_fwd", _sample_kernel, SAMPLE_CONFIGS, sample_heuristic, AUTOTUNE_KEY, writes=("y_ptr",),
     interpreter_config=INTERPRETER_CONFIG,
 )
 # The partial sums of a transform's gradient are zeroed between autotuning trials too: a trial with
 # smaller pixel blocks writes rows that the winner's launch would not overwrite.
 bwd_kernel = TunedKernel(
     "sample_bwd", _sample_kernel, SAMPLE_CONFIGS, sample_heuristic, AUTOTUNE_KEY,
-    writes=("ginp_ptr", "gcoords_ptr"), reset_to_zero=["ginp_ptr", "gcoords_ptr"],
+    writes=("gx_ptr", "gcoords_ptr"), reset_to_zero=["gx_ptr", "gcoords_ptr"],
     interpreter_config=INTERPRETER_CONFIG,
 )
 taps_kernel = TunedKernel(
