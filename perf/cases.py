@@ -1,8 +1,9 @@
 """The benchmark cases, one per entry of ``stn_triton.shapes.SHAPES``, read by ``perf/run.py``.
 
 A case names the public ``stn_triton`` function it measures (``op``), its shapes, dtypes,
-layouts and passes, how to build its inputs, the call to time for ours, the PyTorch reference
-ours must equal, and its baselines. An entry whose op is not (yet) in ``stn_triton`` is skipped
+layouts and passes, how to build its inputs, the call to time for ours (both from
+``stn_triton.workloads``, which ``stn_triton.tune`` runs too), the PyTorch reference ours must
+equal, and its baselines. An entry whose op is not (yet) in ``stn_triton`` is skipped
 with a note. The shapes live in ``stn_triton/shapes.py``, which ``stn_triton.tune`` reads too:
 adding a case means adding its shape there (and, for a new op, a builder to ``BUILDERS`` here).
 
@@ -30,6 +31,21 @@ import training
 from stn_triton import fallback
 from stn_triton.geometry import tps_radial
 from stn_triton.shapes import SHAPES, BenchShape
+from stn_triton.workloads import (
+    affine_inputs,
+    dcn_inputs,
+    grid_inputs,
+    homography_inputs,
+    ours_affine_grid_sample,
+    ours_affine_grid_then_sample,
+    ours_deform_conv2d,
+    ours_grid_sample,
+    ours_perspective_grid_sample,
+    ours_tps_grid_sample,
+    randn,
+    to_layout,
+    tps_inputs,
+)
 
 Inputs = dict[str, torch.Tensor]
 Shape = BenchShape
@@ -131,128 +147,20 @@ class Case:
         )
 
 
-# ---- inputs ---------------------------------------------------------------------------------
-
-
-def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """``t`` [N, C, *spatial] in channels-last memory for ``nhwc`` (channels_last_3d on 5-D)."""
-    if layout == NCHW:
-        return t.contiguous()
-    memory_format = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
-    return t.contiguous(memory_format=memory_format)
-
-
-def _randn(shape, dtype, device, gen) -> torch.Tensor:
-    return torch.randn(shape, device=device, generator=gen).to(dtype)
-
-
-def _image(shape: Shape, dtype, device, layout, gen) -> torch.Tensor:
-    """A random image [N, C, *shape.size] in ``layout``."""
-    return to_layout(_randn((shape.N, shape.C, *shape.size), dtype, device, gen), layout)
-
-
-def _near_identity_theta(batch: int, nd: int, device, gen) -> torch.Tensor:
-    """Affine maps [batch, nd, nd+1] (float32) within about 10% of the identity."""
-    identity = torch.eye(nd, nd + 1, device=device).expand(batch, nd, nd + 1)
-    return identity + 0.1 * torch.randn((batch, nd, nd + 1), device=device, generator=gen)
-
-
-def _near_identity_grid(shape: Shape, dtype, device, gen) -> torch.Tensor:
-    """A grid [N, *shape.out_size, nd] = the identity jittered by up to 2 input pixels per axis."""
-    batch, out_size, nd = shape.N, shape.out_size, len(shape.out_size)
-    identity = torch.eye(nd, nd + 1, device=device).expand(batch, nd, nd + 1)
-    grid = F.affine_grid(identity, [batch, 1, *out_size], align_corners=False)
-    pixel = torch.tensor([2.0 / s for s in reversed(shape.size)], device=device)  # grid is (x, y[, z])
-    jitter = (2 * torch.rand(grid.shape, device=device, generator=gen) - 1) * 2 * pixel
-    return (grid + jitter).to(dtype)
-
-
-def grid_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
-    """input [N, C, *in], grid [N, *out, nd]."""
-    return {"input": _image(shape, dtype, device, layout, gen), "grid": _near_identity_grid(shape, dtype, device, gen)}
-
-
-def affine_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
-    """input [N, C, *in], theta [N, nd, nd+1]."""
-    nd = len(shape.size)
-    theta = _near_identity_theta(shape.N, nd, device, gen).to(dtype)
-    return {"input": _image(shape, dtype, device, layout, gen), "theta": theta}
-
-
-def homography_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
-    """input [N, C, H, W], homography [N, 3, 3] near the identity with a mild perspective row."""
-    batch = shape.N
-    homography = torch.eye(3, device=device).expand(batch, 3, 3).clone()
-    homography[:, :2] += 0.1 * torch.randn((batch, 2, 3), device=device, generator=gen)
-    homography[:, 2, :2] += 0.05 * torch.randn((batch, 2), device=device, generator=gen)
-    return {"input": _image(shape, dtype, device, layout, gen), "homography": homography.to(dtype)}
-
-
-def text_control_points(count: int, device) -> torch.Tensor:
-    """[count, 2] control points in two rows along the top and bottom edges (ASTER's layout)."""
-    xs = torch.linspace(-1, 1, count // 2, device=device)
-    top = torch.stack([xs, torch.full_like(xs, -1)], dim=1)
-    bottom = torch.stack([xs, torch.full_like(xs, 1)], dim=1)
-    return torch.cat([top, bottom])
-
-
-def tps_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
-    """input [N, C, H, W], source_points [N, K, 2] = control_points [K, 2] moved by up to 10%."""
-    control = text_control_points(shape.K, device)
-    moved = control + 0.1 * (2 * torch.rand((shape.N, *control.shape), device=device, generator=gen) - 1)
-    return {
-        "input": _image(shape, dtype, device, layout, gen),
-        "source_points": moved.to(dtype),
-        "control_points": control.to(dtype),
-    }
-
-
-def dcn_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
-    """input [N, C_in, H, W], offset [N, 2*k*k, H, W] (about a pixel), mask [N, k*k, H, W] in (0, 1),
-    weight [C_out, C_in, k, k], bias [C_out]; stride 1 and "same" padding keep H x W."""
-    batch, c_in, c_out, k = shape.N, shape.C, shape.out_channels, shape.kernel
-    height, width = shape.size
-    image = _image(shape, dtype, device, layout, gen)
-    offset = _randn((batch, 2 * k * k, height, width), dtype, device, gen)
-    mask = torch.sigmoid(_randn((batch, k * k, height, width), torch.float32, device, gen)).to(dtype)
-    weight = _randn((c_out, c_in, k, k), torch.float32, device, gen) / (c_in * k * k) ** 0.5
-    return {
-        "input": image,
-        "offset": to_layout(offset, layout),
-        "mask": to_layout(mask, layout),
-        "weight": weight.to(dtype),
-        "bias": _randn((c_out,), dtype, device, gen),
-    }
-
-
 # ---- ours and the PyTorch compositions --------------------------------------------------------
 
-
-def ours_grid_sample(input, grid, *, mode):
-    return stn_triton.grid_sample(input, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
 def eager_grid_sample(input, grid, *, mode):
     return F.grid_sample(input, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
-def ours_affine_grid_then_sample(input, theta, *, out_size):
-    grid = stn_triton.affine_grid(theta, (*input.shape[:2], *out_size), align_corners=False)
-    return stn_triton.grid_sample(input, grid, align_corners=False)
-
-
-def ours_affine_grid_sample(input, theta, *, out_size):
-    return stn_triton.affine_grid_sample(input, theta, size=(*input.shape[:2], *out_size), align_corners=False)
 
 
 def eager_affine_grid_sample(input, theta, *, out_size):
     grid = F.affine_grid(theta, [*input.shape[:2], *out_size], align_corners=False)
     return F.grid_sample(input, grid, align_corners=False)
 
-
-def ours_perspective_grid_sample(input, homography, *, out_size):
-    size = (*input.shape[:2], *out_size)
-    return stn_triton.perspective_grid_sample(input, homography, size=size, align_corners=False)
 
 
 def eager_perspective_grid_sample(input, homography, *, out_size):
@@ -264,10 +172,6 @@ def eager_perspective_grid_sample(input, homography, *, out_size):
     source = torch.einsum("nhwj,nij->nhwi", homogeneous, homography)
     return F.grid_sample(input, source[..., :2] / source[..., 2:], align_corners=False)
 
-
-def ours_tps_grid_sample(input, source_points, control_points, *, out_size):
-    size = (*input.shape[:2], *out_size)
-    return stn_triton.tps_grid_sample(input, source_points, control_points, size=size, align_corners=False)
 
 
 def _tps_radial(points: torch.Tensor, control_points: torch.Tensor) -> torch.Tensor:
@@ -295,9 +199,6 @@ def eager_tps_grid_sample(input, source_points, control_points, *, out_size):
     grid = (design @ coefficients).reshape(batch, *out_size, 2)
     return F.grid_sample(input, grid.to(input.dtype), align_corners=False)
 
-
-def ours_deform_conv2d(input, offset, mask, weight, bias, *, padding):
-    return stn_triton.deform_conv2d(input, offset, weight, bias, padding=padding, mask=mask)
 
 
 def torchvision_deform_conv2d(input, offset, mask, weight, bias, *, padding):
@@ -441,8 +342,8 @@ def stn_step_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
 def dcn_block_step_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
     """input and target [N, 4 C, H, W], and the bottleneck's initial state_dict (its own initialisation)."""
     block_shape = (shape.N, 4 * shape.C, *shape.size)
-    image = to_layout(_randn(block_shape, dtype, device, gen), layout)
-    target = to_layout(_randn(block_shape, dtype, device, gen), layout)
+    image = to_layout(randn(block_shape, dtype, device, gen), layout)
+    target = to_layout(randn(block_shape, dtype, device, gen), layout)
     state = training.seeded_state(lambda: training.deform_bottleneck(image), gen, dtype, device)
     return {"input": image, "target": target, **state}
 

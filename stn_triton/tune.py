@@ -1,7 +1,7 @@
 """Tune the kernels on this GPU and write its table: ``python -m stn_triton.tune`` (or ``stn-triton-tune``).
 
-Runs every op at the perf suite's shapes (float32 and bfloat16, plus float16 for deform_conv2d;
-nchw and nhwc) three times: forward, forward + backward, and forward + backward under
+Runs every op at the perf suite's shapes on the suite's own inputs (``stn_triton.workloads``;
+float32 and bfloat16, plus float16 for deform_conv2d; nchw and nhwc) three times: forward, forward + backward, and forward + backward under
 ``torch.use_deterministic_algorithms(True)``, so that every kernel (``stn_triton.tuning.REGISTRY``)
 is launched at the shapes the suite measures. ``triton.autotune`` times each kernel's config
 space there (``stn_triton.tuning.recording``: table entries ignored, deterministic passes timed
@@ -11,37 +11,29 @@ too); the winners, keyed as the ops look them up (``stn_triton.tuning``), go to
 """
 
 import argparse
-import math
 import sys
 
 import torch
 
-import stn_triton
 from stn_triton import tuning
 from stn_triton.shapes import SHAPES, BenchShape
 from stn_triton.tuning import SHIPPED_TABLES, gpu_name, merge_into_table, user_table_dir
+from stn_triton.workloads import workload
 
 PASSES = ("fwd", "fwd+bwd", "fwd+bwd deterministic")
 
 
-def _image(n, c, size, dtype, layout):
-    x = torch.randn(n, c, *size, device="cuda", dtype=dtype)
-    if layout == "nhwc":
-        x = x.to(memory_format=torch.channels_last if len(size) == 2 else torch.channels_last_3d)
-    return x
+def _runner(shape: BenchShape, dtype, layout):
+    """run(backward): the op ``shape`` names on the perf suite's inputs for it (stn_triton.workloads), and
+    with backward=True its backward into the inputs the suite takes gradients of. The inputs are made
+    when the pass runs, so that one workload's inputs at a time hold GPU memory."""
+    make_inputs, call, grad_inputs = workload(shape)
 
-
-def _near_identity(n, rows, cols, dtype):
-    return (torch.eye(rows, cols, device="cuda") + 0.05 * torch.randn(n, rows, cols, device="cuda")).to(dtype)
-
-
-def _runner(op, make_tensors, data=()):
-    """run(backward): op(*make_tensors()), and with backward=True also its backward into every
-    tensor but those whose indices ``data`` lists (a model's input image takes no gradient). The
-    tensors are made when the pass runs, so that one workload's inputs at a time hold GPU memory."""
     def run(backward: bool):
-        leaves = [t.detach().requires_grad_(backward and i not in data) for i, t in enumerate(make_tensors())]
-        out = op(*leaves)
+        inputs = make_inputs(shape, dtype, torch.device("cuda"), layout, torch.Generator("cuda").manual_seed(0))
+        leaves = {name: t.requires_grad_(backward and name in grad_inputs) if t.is_floating_point() else t
+                  for name, t in inputs.items()}
+        out = call(**leaves)
         if backward:
             out.backward(torch.ones_like(out))
     return run
@@ -49,49 +41,9 @@ def _runner(op, make_tensors, data=()):
 
 def _workloads(dtype, layout):
     """(case id, run) for every shape of ``stn_triton.shapes.SHAPES`` but the scaling sweep's and the
-    deterministic twins' (the deterministic pass of the twin's base covers it); ``run(backward)``
-    makes its inputs on the GPU and launches one pass of the op the shape names."""
-    return [(case_id, _workload(shape, dtype, layout)) for case_id, shape in SHAPES.items()
+    deterministic twins' (the deterministic pass of the twin's base covers it)."""
+    return [(case_id, _runner(shape, dtype, layout)) for case_id, shape in SHAPES.items()
             if shape.sweep is None and not shape.deterministic]
-
-
-def _workload(shape: BenchShape, dtype, layout):
-    """run(backward) for one shape: its op on inputs like the suite's (sampling near the identity)."""
-    n, c, k, nd = shape.N, shape.C, shape.kernel, len(shape.size)
-    size = (n, c, *shape.out_size)
-
-    def image():
-        return _image(n, c, shape.size, dtype, layout)
-
-    if shape.op in ("grid_sample", "affine_grid"):
-        # The grid comes from affine_grid inside the pass, so that its kernels are tuned too.
-        def sample(x, t):
-            return stn_triton.grid_sample(x, stn_triton.affine_grid(t, size), mode=shape.mode)
-        return _runner(sample, lambda: (image(), _near_identity(n, nd, nd + 1, dtype)))
-    if shape.op in ("affine_grid_sample", "SpatialTransformer"):
-        # In the spatial transformer's training step the image is data: no gradient flows into it.
-        data = (0,) if shape.op == "SpatialTransformer" else ()
-        return _runner(lambda x, t: stn_triton.affine_grid_sample(x, t, size=size),
-                       lambda: (image(), _near_identity(n, nd, nd + 1, dtype)), data)
-    if shape.op == "perspective_grid_sample":
-        return _runner(lambda x, h: stn_triton.perspective_grid_sample(x, h, size=size),
-                       lambda: (image(), _near_identity(n, 3, 3, dtype)))
-    if shape.op == "tps_grid_sample":
-        def tensors():
-            control = torch.rand(shape.K, 2, device="cuda", dtype=dtype) * 2 - 1
-            return image(), control + 0.05 * torch.randn(n, shape.K, 2, device="cuda", dtype=dtype), control
-        # Control points are constants of the spline: no gradient.
-        return _runner(lambda x, s, cp: stn_triton.tps_grid_sample(x, s, cp, size=size), tensors, data=(2,))
-    if shape.op in ("deform_conv2d", "DeformConv2d"):
-        height, width = shape.size
-
-        def tensors():
-            weight = torch.randn(shape.out_channels, c, k, k, device="cuda", dtype=dtype) / math.sqrt(k * k * c)
-            offset = torch.randn(n, 2 * k * k, height, width, device="cuda", dtype=dtype)
-            mask = torch.rand(n, k * k, height, width, device="cuda", dtype=dtype)
-            return image(), offset, weight, mask
-        return _runner(lambda x, o, w, m: stn_triton.deform_conv2d(x, o, w, padding=k // 2, mask=m), tensors)
-    raise ValueError(f"no tuning workload for op {shape.op!r}")
 
 
 def _run_pass(run, pass_: str) -> None:

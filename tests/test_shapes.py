@@ -43,3 +43,22 @@ def test_tune_workloads_cover_every_case_but_the_sweep():
     for case_id, shape in SHAPES.items():
         if shape.sweep is None:
             assert dataclasses.replace(shape, deterministic=False) in tuned, case_id
+
+
+def _function(call):
+    while hasattr(call, "func"):
+        call = call.func
+    return call
+
+
+def test_tune_runs_the_perf_cases_own_inputs_and_calls(perf_cases):
+    """No copy of the suite's inputs in tune: both take them, and the call, from stn_triton.workloads."""
+    from stn_triton.workloads import workload
+
+    for case in perf_cases.CASES:
+        if case.training_step:
+            continue
+        make_inputs, call, grad_inputs = workload(case.shape)
+        assert case.make_inputs is make_inputs, case.case
+        assert _function(case.ours) is _function(call), case.case
+        assert set(grad_inputs) <= set(case.grad_inputs), case.case

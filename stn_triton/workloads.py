@@ -1,0 +1,163 @@
+"""The benchmark cases' inputs and stn_triton's call for each: one source for perf/ and ``stn_triton.tune``.
+
+``perf/cases.py`` times these calls on these inputs against its baselines, and ``python -m
+stn_triton.tune`` autotunes the kernels by running the same calls on the same inputs, so the
+tables are tuned at exactly the launches the suite measures. The shapes are ``stn_triton.shapes``'.
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+import stn_triton
+from stn_triton.shapes import BenchShape
+
+Inputs = dict[str, torch.Tensor]
+Shape = BenchShape
+NCHW, NHWC = "nchw", "nhwc"
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` [N, C, *spatial] in channels-last memory for ``nhwc`` (channels_last_3d on 5-D)."""
+    if layout == NCHW:
+        return t.contiguous()
+    memory_format = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    return t.contiguous(memory_format=memory_format)
+
+
+def randn(shape, dtype, device, gen) -> torch.Tensor:
+    """Standard normal values drawn in float32 on ``device``, then cast to ``dtype``."""
+    return torch.randn(shape, device=device, generator=gen).to(dtype)
+
+
+def image(shape: Shape, dtype, device, layout, gen) -> torch.Tensor:
+    """A random image [N, C, *shape.size] in ``layout``."""
+    return to_layout(randn((shape.N, shape.C, *shape.size), dtype, device, gen), layout)
+
+
+def _near_identity_theta(batch: int, nd: int, device, gen) -> torch.Tensor:
+    """Affine maps [batch, nd, nd+1] (float32) within about 10% of the identity."""
+    identity = torch.eye(nd, nd + 1, device=device).expand(batch, nd, nd + 1)
+    return identity + 0.1 * torch.randn((batch, nd, nd + 1), device=device, generator=gen)
+
+
+def _near_identity_grid(shape: Shape, dtype, device, gen) -> torch.Tensor:
+    """A grid [N, *shape.out_size, nd] = the identity jittered by up to 2 input pixels per axis."""
+    batch, out_size, nd = shape.N, shape.out_size, len(shape.out_size)
+    identity = torch.eye(nd, nd + 1, device=device).expand(batch, nd, nd + 1)
+    grid = F.affine_grid(identity, [batch, 1, *out_size], align_corners=False)
+    pixel = torch.tensor([2.0 / s for s in reversed(shape.size)], device=device)  # grid is (x, y[, z])
+    jitter = (2 * torch.rand(grid.shape, device=device, generator=gen) - 1) * 2 * pixel
+    return (grid + jitter).to(dtype)
+
+
+def grid_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
+    """input [N, C, *in], grid [N, *out, nd]."""
+    return {"input": image(shape, dtype, device, layout, gen), "grid": _near_identity_grid(shape, dtype, device, gen)}
+
+
+def affine_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
+    """input [N, C, *in], theta [N, nd, nd+1]."""
+    nd = len(shape.size)
+    theta = _near_identity_theta(shape.N, nd, device, gen).to(dtype)
+    return {"input": image(shape, dtype, device, layout, gen), "theta": theta}
+
+
+def homography_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
+    """input [N, C, H, W], homography [N, 3, 3] near the identity with a mild perspective row."""
+    batch = shape.N
+    homography = torch.eye(3, device=device).expand(batch, 3, 3).clone()
+    homography[:, :2] += 0.1 * torch.randn((batch, 2, 3), device=device, generator=gen)
+    homography[:, 2, :2] += 0.05 * torch.randn((batch, 2), device=device, generator=gen)
+    return {"input": image(shape, dtype, device, layout, gen), "homography": homography.to(dtype)}
+
+
+def text_control_points(count: int, device) -> torch.Tensor:
+    """[count, 2] control points in two rows along the top and bottom edges (ASTER's layout)."""
+    xs = torch.linspace(-1, 1, count // 2, device=device)
+    top = torch.stack([xs, torch.full_like(xs, -1)], dim=1)
+    bottom = torch.stack([xs, torch.full_like(xs, 1)], dim=1)
+    return torch.cat([top, bottom])
+
+
+def tps_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
+    """input [N, C, H, W], source_points [N, K, 2] = control_points [K, 2] moved by up to 10%."""
+    control = text_control_points(shape.K, device)
+    moved = control + 0.1 * (2 * torch.rand((shape.N, *control.shape), device=device, generator=gen) - 1)
+    return {
+        "input": image(shape, dtype, device, layout, gen),
+        "source_points": moved.to(dtype),
+        "control_points": control.to(dtype),
+    }
+
+
+def dcn_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
+    """input [N, C_in, H, W], offset [N, 2*k*k, H, W] (about a pixel), mask [N, k*k, H, W] in (0, 1),
+    weight [C_out, C_in, k, k], bias [C_out]; stride 1 and "same" padding keep H x W."""
+    batch, c_in, c_out, k = shape.N, shape.C, shape.out_channels, shape.kernel
+    height, width = shape.size
+    x = image(shape, dtype, device, layout, gen)
+    offset = randn((batch, 2 * k * k, height, width), dtype, device, gen)
+    mask = torch.sigmoid(randn((batch, k * k, height, width), torch.float32, device, gen)).to(dtype)
+    weight = randn((c_out, c_in, k, k), torch.float32, device, gen) / (c_in * k * k) ** 0.5
+    return {
+        "input": x,
+        "offset": to_layout(offset, layout),
+        "mask": to_layout(mask, layout),
+        "weight": weight.to(dtype),
+        "bias": randn((c_out,), dtype, device, gen),
+    }
+
+
+# ---- stn_triton's calls ---------------------------------------------------------------------------
+
+
+def ours_grid_sample(input, grid, *, mode):
+    return stn_triton.grid_sample(input, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def ours_affine_grid_then_sample(input, theta, *, out_size):
+    grid = stn_triton.affine_grid(theta, (*input.shape[:2], *out_size), align_corners=False)
+    return stn_triton.grid_sample(input, grid, align_corners=False)
+
+
+def ours_affine_grid_sample(input, theta, *, out_size):
+    return stn_triton.affine_grid_sample(input, theta, size=(*input.shape[:2], *out_size), align_corners=False)
+
+
+def ours_perspective_grid_sample(input, homography, *, out_size):
+    size = (*input.shape[:2], *out_size)
+    return stn_triton.perspective_grid_sample(input, homography, size=size, align_corners=False)
+
+
+def ours_tps_grid_sample(input, source_points, control_points, *, out_size):
+    size = (*input.shape[:2], *out_size)
+    return stn_triton.tps_grid_sample(input, source_points, control_points, size=size, align_corners=False)
+
+
+def ours_deform_conv2d(input, offset, mask, weight, bias, *, padding):
+    return stn_triton.deform_conv2d(input, offset, weight, bias, padding=padding, mask=mask)
+
+
+def workload(shape: BenchShape):
+    """(make_inputs, call, grad_inputs) of the stn_triton op a benchmark shape times: ``call(**inputs)``
+    returns its output, ``grad_inputs`` the inputs a backward takes gradients of. A training-step
+    shape (op SpatialTransformer or DeformConv2d) gives the op its model runs, its image as data."""
+    op = shape.op
+    if op == "grid_sample":
+        return grid_inputs, functools.partial(ours_grid_sample, mode=shape.mode), ("input", "grid")
+    if op == "affine_grid":
+        return affine_inputs, functools.partial(ours_affine_grid_then_sample, out_size=shape.out_size), ("input", "theta")
+    if op in ("affine_grid_sample", "SpatialTransformer"):
+        grads = ("theta",) if op == "SpatialTransformer" else ("input", "theta")
+        return affine_inputs, functools.partial(ours_affine_grid_sample, out_size=shape.out_size), grads
+    if op == "perspective_grid_sample":
+        return (homography_inputs, functools.partial(ours_perspective_grid_sample, out_size=shape.out_size),
+                ("input", "homography"))
+    if op == "tps_grid_sample":
+        return tps_inputs, functools.partial(ours_tps_grid_sample, out_size=shape.out_size), ("input", "source_points")
+    if op in ("deform_conv2d", "DeformConv2d"):
+        return (dcn_inputs, functools.partial(ours_deform_conv2d, padding=shape.kernel // 2),
+                ("input", "offset", "mask", "weight", "bias"))
+    raise ValueError(f"no workload for op {op!r}")
