@@ -1,6 +1,6 @@
 """Where a warp's output pixels sample, and the gradient of its transform: device helpers.
 
-The sampling kernel (grid_sample.py) computes each output pixel's normalized position as
+The sampling kernel (sample.py) computes each output pixel's normalized position as
 affine_grid places it (``base_position``), maps it through the transform, and in the backward
 reduces the points' gradient into the transform's parameters (``store_transform_grad``); the
 affine_grid kernels (affine_grid.py) share the positions and the reduction.

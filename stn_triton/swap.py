@@ -51,8 +51,9 @@ _originals: dict[tuple[object, str], Callable] = {}
 def _untransformed() -> bool:
     """No ``torch.func`` transform and no forward-mode AD level is active.
 
-    stn_triton's ops support neither: under ``jacrev`` they raise, and a dual tensor's tangent
-    would be dropped silently where PyTorch raises.
+    stn_triton's ops have vmap rules and (affine_grid) forward AD of their own, but under a transform
+    PyTorch's ops run their own batching and forward-AD rules, whose behaviour the swap promises:
+    such calls keep them.
     """
     return not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0
 
