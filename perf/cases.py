@@ -36,10 +36,12 @@ from stn_triton.workloads import (
     dcn_inputs,
     grid_inputs,
     homography_inputs,
+    msda_inputs,
     ours_affine_grid_sample,
     ours_affine_grid_then_sample,
     ours_deform_conv2d,
     ours_grid_sample,
+    ours_ms_deform_attn,
     ours_perspective_grid_sample,
     ours_tps_grid_sample,
     randn,
@@ -327,6 +329,59 @@ def dcn_case(case_id: str, shape: Shape) -> Case:
     )
 
 
+def eager_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, *, levels):
+    """The composition every model ships (Deformable DETR's, Hugging Face's, mmcv's pure-PyTorch path):
+    one grid_sample per level on ``2 * loc - 1``, stacked, weighted, summed. Run under autocast for a
+    half-precision value, as a model runs it (its locations and weights are float32 there)."""
+    half = value.dtype in (torch.float16, torch.bfloat16)
+    with torch.autocast(value.device.type, dtype=value.dtype, enabled=half):
+        n, _, heads, channels = value.shape
+        _, queries, _, count, points, _ = sampling_locations.shape
+        grids = 2 * sampling_locations - 1
+        samples = []
+        for level, ((h, w), rows) in enumerate(zip(levels, value.split([h * w for h, w in levels], dim=1))):
+            rows = rows.flatten(2).transpose(1, 2).reshape(n * heads, channels, h, w)
+            grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+            samples.append(F.grid_sample(rows, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+        weights = attention_weights.transpose(1, 2).reshape(n * heads, 1, queries, count * points)
+        out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1).view(n, heads * channels, queries)
+        return out.transpose(1, 2).contiguous()
+
+
+def transformers_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, *,
+                                levels):
+    """Hugging Face transformers' MultiScaleDeformableAttention as shipped (its pure-PyTorch core)."""
+    from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
+
+    half = value.dtype in (torch.float16, torch.bfloat16)
+    with torch.autocast(value.device.type, dtype=value.dtype, enabled=half):
+        return MultiScaleDeformableAttention()(value, spatial_shapes, list(levels), level_start_index,
+                                               sampling_locations, attention_weights, 64)
+
+
+def msda_case(case_id: str, shape: Shape) -> Case:
+    """ms_deform_attn at a detector's shape against the composition eager and compiled and, where it
+    is installed, Hugging Face's layer; checked against the composition in float64."""
+    reference, baselines = _eager_and_compile(eager_ms_deform_attn)
+    if importlib.util.find_spec("transformers") is not None:
+        baselines["transformers"] = Baseline(transformers_ms_deform_attn)
+    return Case(
+        op=shape.op,
+        case=case_id,
+        shape=shape,
+        smoke_shape=replace(shape, N=2, C=4, levels=((3, 4), (2, 2)), heads=2, points=2,
+                            queries=16 if shape.queries == sum(h * w for h, w in shape.levels) else 5),
+        make_inputs=msda_inputs,
+        ours=ours_ms_deform_attn,
+        shape_kwargs=("levels",),
+        reference=reference,
+        baselines=baselines,
+        grad_inputs=("value", "sampling_locations", "attention_weights"),
+        layouts=("nsmd",),
+        passes=(FWD, FWD_BWD),
+    )
+
+
 # ---- training steps ------------------------------------------------------------------------------
 
 
@@ -442,6 +497,7 @@ BUILDERS: dict[str, Callable[[str, Shape], Case]] = {
     "perspective_grid_sample": perspective_case,
     "tps_grid_sample": tps_case,
     "deform_conv2d": dcn_case,
+    "ms_deform_attn": msda_case,
     "SpatialTransformer": stn_step_case,
     "DeformConv2d": dcn_block_step_case,
 }

@@ -7,15 +7,17 @@ from stn_triton.functional import (
     affine_grid_sample,
     deform_conv2d,
     grid_sample,
+    ms_deform_attn,
     perspective_grid_sample,
     tps_grid_sample,
     warp_affine,
     warp_perspective,
 )
-from stn_triton.nn import DeformConv2d, SelfDeformConv2d, SpatialTransformer
+from stn_triton.nn import DeformConv2d, MSDeformAttn, SelfDeformConv2d, SpatialTransformer
 
 __all__ = [
     "DeformConv2d",
+    "MSDeformAttn",
     "SelfDeformConv2d",
     "SpatialTransformer",
     "affine_grid",
@@ -23,6 +25,7 @@ __all__ = [
     "backend",
     "deform_conv2d",
     "grid_sample",
+    "ms_deform_attn",
     "perspective_grid_sample",
     "swap",
     "tps_grid_sample",

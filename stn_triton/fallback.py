@@ -148,3 +148,27 @@ def deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask):
     out = torch.einsum("gok,ngkp->ngop", weight.reshape(groups, c_out // groups, c_per_group * k), columns)
     out = out.reshape(n, c_out, ho, wo)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights, points, softmax, out_dtype):
+    """Multi-scale deformable attention as the models write it in PyTorch: one grid_sample per level
+    (bilinear, zeros, align_corners=False on ``2 * loc - 1``) and a weighted sum. value [N, S, M, D],
+    locations [N, Lq, M, L, P, 2] or [N, Lq, M, sum(points), 2] -> [N, Lq, M * D]."""
+    n, _, m, d = value.shape
+    shapes = spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else spatial_shapes
+    queries, total = sampling_locations.shape[1], sum(points)
+    locations = sampling_locations.reshape(n, queries, m, total, 2)
+    weights = attention_weights.reshape(n, queries, m, total)
+    if softmax:
+        weights = weights.softmax(dim=-1)
+    grids = finite_grid(2 * locations - 1)
+    samples, first = [], 0
+    for (h, w), level, count in zip(shapes, value.split([h * w for h, w in shapes], dim=1), points):
+        level = level.flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
+        grid = grids[:, :, :, first:first + count].transpose(1, 2).flatten(0, 1)
+        samples.append(F.grid_sample(level, grid.to(level.dtype), mode="bilinear", padding_mode="zeros",
+                                     align_corners=False))
+        first += count
+    weights = weights.transpose(1, 2).reshape(n * m, 1, queries, total)
+    out = (torch.cat(samples, dim=-1) * weights).sum(-1).view(n, m * d, queries).transpose(1, 2)
+    return out.to(out_dtype)

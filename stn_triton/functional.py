@@ -18,6 +18,7 @@ from stn_triton.derived import derived
 from stn_triton.numerics import compute_dtype
 from stn_triton.ops import affine_grid as _affine_grid_op
 from stn_triton.ops import deform_conv as _deform_conv_op
+from stn_triton.ops import ms_deform_attn as _attention_op
 from stn_triton.ops import sample as _sample_op
 from stn_triton.ops import warp as _warp_op
 
@@ -299,3 +300,48 @@ def deform_conv2d(
     if backend(input) == TORCH:
         return fallback.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     return _deform_conv_op.deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation)
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes,
+    level_start_index: torch.Tensor | None,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    im2col_step: int = 64,
+    points_per_level: Sequence[int] | None = None,
+    softmax: bool = False,
+) -> torch.Tensor:
+    """Multi-scale deformable attention (Deformable DETR): bilinear reads of every level's value map
+    at learnt locations, summed with attention weights, in one kernel.
+
+    value ``[N, S, M, D]`` (S = sum of H_l * W_l, the levels' rows one after another; M heads of D
+    channels); spatial_shapes: an integer tensor ``[L, 2]`` of (H_l, W_l), read on the device (never
+    copied to the host), or a list of (H, W) pairs (as Hugging Face's ``spatial_shapes_list``);
+    level_start_index ``[L]``: each level's first row (None: their running sum);
+    sampling_locations ``[N, Lq, M, L, P, 2]`` as (x, y) in [0, 1] of the level (outside reads zeros);
+    attention_weights ``[N, Lq, M, L, P]``. ``points_per_level`` (RT-DETRv2's ``num_points_list``):
+    per-level point counts, with locations ``[N, Lq, M, sum(P_l), 2]`` and weights
+    ``[N, Lq, M, sum(P_l)]``. ``softmax=True``: the weights are logits, softmaxed over each head's
+    points (all levels) inside the kernel. Returns ``[N, Lq, M * D]``, channel ``m * D + d``; value's
+    dtype (inside autocast, what the composition returns: on CUDA the promotion of the three dtypes,
+    on the CPU float32), computed and accumulated in float32 (float64 for float64), each tensor read
+    in its own dtype. Equals the per-level ``grid_sample`` composition every model ships.
+    ``im2col_step`` is accepted for the signature of Deformable DETR's and mmcv's op and has no
+    effect: the whole batch runs in one launch. Gradients for value, locations and weights
+    (deterministic under ``torch.use_deterministic_algorithms(True)``).
+    """
+    _raise(validation.ms_deform_attn_problem(value, spatial_shapes, level_start_index, sampling_locations,
+                                             attention_weights, im2col_step, points_per_level, softmax))
+    levels = spatial_shapes.shape[0] if isinstance(spatial_shapes, torch.Tensor) else len(spatial_shapes)
+    points = tuple(points_per_level) if points_per_level is not None else (sampling_locations.shape[4],) * levels
+    device_type = value.device.type
+    out_dtype = value.dtype
+    if torch.is_autocast_enabled(device_type):
+        out_dtype = torch.promote_types(sampled_dtype(device_type, value.dtype, sampling_locations.dtype),
+                                        attention_weights.dtype)
+    if backend(value) == TORCH:
+        return fallback.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights, points, softmax,
+                                       out_dtype)
+    return _without_autocast(device_type, _attention_op.ms_deform_attn, value, spatial_shapes, level_start_index,
+                             sampling_locations, attention_weights, points, softmax, out_dtype)

@@ -1,6 +1,8 @@
-"""nn.Modules built on the fused ops: the spatial transformer and deformable convolutions."""
+"""nn.Modules built on the fused ops: the spatial transformer, deformable convolutions and multi-scale
+deformable attention."""
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -330,3 +332,86 @@ class SelfDeformConv2d(DeformConv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", offset_groups={self.offset_groups}, modulated={self.modulated}"
+
+
+def _is_power_of_2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention, Deformable DETR's ``MSDeformAttn``: same constructor,
+    parameter names, shapes and initialisation (a Deformable-DETR or DINO checkpoint's state_dict
+    loads unchanged), and the same forward.
+
+    ``forward(query [N, Lq, C], reference_points [N, Lq, L, 2] (x, y in [0, 1]) or [N, Lq, L, 4]
+    (cx, cy, w, h), input_flatten [N, S, C], input_spatial_shapes [L, 2] (H, W), input_level_start_index
+    [L], input_padding_mask=None [N, S] (True: padding))`` -> ``[N, Lq, C]``. The attention logits go
+    to the kernel, which takes their softmax over each head's points itself (one pass and one
+    tensor fewer than softmax-then-attention).
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("n_levels", n_levels), ("n_heads", n_heads), ("n_points", n_points)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model must be divisible by n_heads, but got {d_model} and {n_heads}")
+        if not _is_power_of_2(d_model // n_heads):
+            warnings.warn("You'd better set d_model in MSDeformAttn to make the dimension of each attention head a "
+                          "power of 2 which is more efficient in our CUDA implementation.", stacklevel=2)
+        self.im2col_step = 64
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """Deformable DETR's: the offsets' bias points each head in its own direction (one per head around
+        the circle, point i at i + 1 times it), the attention starts uniform, the projections xavier."""
+        init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.n_levels, self.n_points, 1)
+        for i in range(self.n_points):
+            grid[:, :, i, :] *= i + 1
+        with torch.no_grad():
+            self.sampling_offsets.bias = nn.Parameter(grid.view(-1))
+        init.constant_(self.attention_weights.weight, 0.0)
+        init.constant_(self.attention_weights.bias, 0.0)
+        init.xavier_uniform_(self.value_proj.weight)
+        init.constant_(self.value_proj.bias, 0.0)
+        init.xavier_uniform_(self.output_proj.weight)
+        init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, input_flatten: torch.Tensor,
+                input_spatial_shapes: torch.Tensor, input_level_start_index: torch.Tensor,
+                input_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n, queries, _ = query.shape
+        rows = input_flatten.shape[1]
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(n, rows, self.n_heads, self.d_model // self.n_heads)
+        offsets = self.sampling_offsets(query).view(n, queries, self.n_heads, self.n_levels, self.n_points, 2)
+        logits = self.attention_weights(query).view(n, queries, self.n_heads, self.n_levels, self.n_points)
+        if reference_points.shape[-1] == 2:
+            normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            locations = (reference_points[:, :, None, :, None, :2]
+                         + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError(f"Last dim of reference_points must be 2 or 4, but get {reference_points.shape[-1]} instead.")
+        out = functional.ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, logits,
+                                        self.im2col_step, None, True)
+        return self.output_proj(out)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, n_points={self.n_points}"

@@ -34,6 +34,9 @@ _SCHEMAS = {
                          "str padding_mode='zeros', bool align_corners=True, Tensor? fill_value=None) -> Tensor"),
     "deform_conv2d": ("deform_conv2d(Tensor input, Tensor offset, Tensor weight, Tensor? bias=None, int[2] stride=1, "
                       "int[2] padding=0, int[2] dilation=1, Tensor? mask=None) -> Tensor"),
+    "ms_deform_attn": ("ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor? level_start_index, "
+                       "Tensor sampling_locations, Tensor attention_weights, int im2col_step=64, "
+                       "int[]? points_per_level=None, bool softmax=False) -> Tensor"),
 }
 for _name, _schema in _SCHEMAS.items():
     _LIBRARY.define(_schema)
@@ -91,6 +94,13 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
                   dilation: tuple[int, int] = (1, 1), mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     return torch.ops.stn_triton.deform_conv2d(input, offset, weight, bias, [stride[0], stride[1]],
                                               [padding[0], padding[1]], [dilation[0], dilation[1]], mask)
+
+
+def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: Optional[torch.Tensor],
+                   sampling_locations: torch.Tensor, attention_weights: torch.Tensor, im2col_step: int = 64,
+                   points_per_level: Optional[list[int]] = None, softmax: bool = False) -> torch.Tensor:
+    return torch.ops.stn_triton.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                                               attention_weights, im2col_step, points_per_level, softmax)
 
 
 def _scripted_twin(name: str):

@@ -6,7 +6,7 @@ the package because ``stn_triton.tune`` is installed with it and ``perf/`` is no
 
 Sampling is bilinear (trilinear in 3-D), zero padding, ``align_corners=False`` unless ``mode``
 says otherwise; deformable convolutions are C -> C channels, stride 1, "same" padding, with a
-mask. The two training-step cases (op ``SpatialTransformer`` and ``DeformConv2d``) time a whole
+mask; multi-scale deformable attention has ``heads`` heads of C channels over ``levels``. The two training-step cases (op ``SpatialTransformer`` and ``DeformConv2d``) time a whole
 step of a model, and their shape is that of the op inside it.
 """
 
@@ -26,6 +26,10 @@ class BenchShape:
     mode: str = "bilinear"  # sampling mode
     K: int = 0  # control points of a thin-plate spline
     kernel: int = 0  # side of a deformable convolution's kernel
+    levels: tuple[tuple[int, int], ...] = ()  # multi-scale deformable attention: the levels' (H, W)
+    heads: int = 0  # attention heads (C is then the channels of one head)
+    points: int = 0  # sampling points per head and level
+    queries: int = 0  # queries per image
     deterministic: bool = False  # fwd+bwd under torch.use_deterministic_algorithms(True)
     sweep: str | None = None  # "side" or "batch": a point of the scaling sweep, id sweep_<axis>_<value>
 
@@ -48,6 +52,11 @@ def _sweep() -> dict[str, BenchShape]:
 
 
 _AFFINE2D_C64 = BenchShape("affine_grid_sample", 32, 64, (128, 128))
+# Deformable DETR on an 800 x 1333 image: the four levels at strides 8 to 64 (S = 22223 rows),
+# 8 heads of 32 channels, 4 points; the encoder's queries are its rows, the decoder's 300 objects.
+_DETR_LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
+_DETR_ENCODER = BenchShape("ms_deform_attn", 2, 32, (), levels=_DETR_LEVELS, heads=8, points=4,
+                           queries=sum(h * w for h, w in _DETR_LEVELS))
 _GRID2D_C64 = BenchShape("grid_sample", 32, 64, (128, 128))
 
 SHAPES: dict[str, BenchShape] = {
@@ -63,8 +72,14 @@ SHAPES: dict[str, BenchShape] = {
     "tps_text": BenchShape("tps_grid_sample", 256, 3, (64, 200), out=(32, 100), K=20),
     "dcn_r50": BenchShape("deform_conv2d", 8, 256, (56, 56), kernel=3),
     "dcn_wide": BenchShape("deform_conv2d", 16, 64, (112, 112), kernel=3),
+    "msda_detr_encoder": _DETR_ENCODER,
+    "msda_detr_decoder": replace(_DETR_ENCODER, queries=300),
+    # RT-DETR's decoder on 640 x 640: three levels at strides 8 to 32.
+    "msda_rtdetr_decoder": BenchShape("ms_deform_attn", 2, 32, (), levels=((80, 80), (40, 40), (20, 20)), heads=8,
+                                      points=4, queries=300),
     "affine2d_c64_det": replace(_AFFINE2D_C64, deterministic=True),
     "grid2d_c64_det": replace(_GRID2D_C64, deterministic=True),
+    "msda_detr_encoder_det": replace(_DETR_ENCODER, deterministic=True),
     # The notebook's classifier (notebooks/stn_distorted_mnist.ipynb) on 42x42 digits, at batch 256.
     "stn_mnist_step": BenchShape("SpatialTransformer", 256, 1, (42, 42)),
     # A ResNet-50 bottleneck (1024 -> 256 -> 256 -> 1024) with a DCNv2 3x3 conv: dcn_r50's op in a block.

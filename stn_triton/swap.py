@@ -1,4 +1,4 @@
-"""Route a whole program's ``grid_sample``, ``affine_grid`` and ``deform_conv2d`` to stn_triton.
+"""Route a whole program's ``grid_sample``, ``affine_grid``, ``deform_conv2d`` and deformable attention to stn_triton.
 
 ``apply()`` replaces ``torch.nn.functional.grid_sample`` and ``torch.nn.functional.affine_grid``,
 and, when torchvision is installed, ``torchvision.ops.deform_conv2d`` (the same function as
@@ -31,6 +31,7 @@ CPU ones (see the README).
 import contextlib
 import functools
 import importlib
+import importlib.util
 from collections.abc import Callable, Iterator
 
 import torch
@@ -163,56 +164,188 @@ def _deform_conv2d_route(original: Callable) -> Callable:
     return _scripts_as(original, deform_conv2d)
 
 
-def _targets() -> list[tuple[object, str, Callable[[Callable], Callable]]]:
-    """(module, attribute, wrapper factory) of every function apply() swaps."""
-    targets = [(F, "grid_sample", _grid_sample_route), (F, "affine_grid", _affine_grid_route)]
+def _routes_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights, points_per_level,
+                           same_dtypes: bool) -> bool:
+    """stn_triton.ms_deform_attn returns what the composition (or kernel) it replaces would for these
+    arguments. ``same_dtypes``: outside autocast the original needs one dtype (its grid_sample does)."""
+    tensors = (value, sampling_locations, attention_weights)
+    return (
+        not torch.jit.is_tracing()
+        and all(isinstance(t, torch.Tensor) for t in tensors)
+        and not has_torch_function(tensors)
+        and validation.ms_deform_attn_problem(value, spatial_shapes, None, sampling_locations, attention_weights, 64,
+                                              points_per_level, False) is None
+        and (not same_dtypes or torch.is_autocast_enabled(value.device.type)
+             or value.dtype == sampling_locations.dtype == attention_weights.dtype)
+        and backend(value) != TORCH
+        and _untransformed()
+    )
+
+
+def _transformers_forward_route(original: Callable) -> Callable:
+    """Hugging Face's ``MultiScaleDeformableAttention.forward``: its list of shapes, its composition's dtypes."""
+
+    def forward(self, value, value_spatial_shapes, value_spatial_shapes_list, level_start_index, sampling_locations,
+                attention_weights, im2col_step, *args, **kwargs):
+        if not args and not kwargs and _routes_ms_deform_attn(value, value_spatial_shapes_list, sampling_locations,
+                                                              attention_weights, None, True):
+            return functional.ms_deform_attn(value, value_spatial_shapes_list, None, sampling_locations,
+                                             attention_weights)
+        return original(self, value, value_spatial_shapes, value_spatial_shapes_list, level_start_index,
+                        sampling_locations, attention_weights, im2col_step, *args, **kwargs)
+
+    return functools.update_wrapper(forward, original)
+
+
+def _composition_route(original: Callable) -> Callable:
+    """mmcv's ``multi_scale_deformable_attn_pytorch`` and Hugging Face's Mask2Former / OneFormer
+    ``multi_scale_deformable_attention``: (value, shapes, locations, weights)."""
+
+    def composition(value, value_spatial_shapes, sampling_locations, attention_weights, *args, **kwargs):
+        if not args and not kwargs and _routes_ms_deform_attn(value, value_spatial_shapes, sampling_locations,
+                                                              attention_weights, None, True):
+            return functional.ms_deform_attn(value, value_spatial_shapes, None, sampling_locations, attention_weights)
+        return original(value, value_spatial_shapes, sampling_locations, attention_weights, *args, **kwargs)
+
+    return functools.update_wrapper(composition, original)
+
+
+def _per_level_route(original: Callable) -> Callable:
+    """RT-DETRv2's core (Hugging Face's rt_detr_v2, D-FINE, DEIMv2): per-level point counts; its
+    'discrete' method (a nearest read) runs the original."""
+
+    def composition(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list,
+                    method="default", *args, **kwargs):
+        if (not args and not kwargs and method == "default" and isinstance(num_points_list, (list, tuple))
+                and _routes_ms_deform_attn(value, value_spatial_shapes, sampling_locations, attention_weights,
+                                           list(num_points_list), True)):
+            return functional.ms_deform_attn(value, value_spatial_shapes, None, sampling_locations, attention_weights,
+                                             points_per_level=list(num_points_list))
+        return original(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method,
+                        *args, **kwargs)
+
+    return functools.update_wrapper(composition, original)
+
+
+def _mmcv_function_route(original: Callable) -> Callable:
+    """mmcv's ``MultiScaleDeformableAttnFunction.apply``: its CUDA kernel casts the locations and
+    weights to value's dtype and returns value's dtype."""
+
+    def apply(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
+              im2col_step, *args, **kwargs):
+        if not args and not kwargs and _routes_ms_deform_attn(value, value_spatial_shapes, sampling_locations,
+                                                              attention_weights, None, False):
+            out = functional.ms_deform_attn(value, value_spatial_shapes, value_level_start_index, sampling_locations,
+                                            attention_weights, im2col_step)
+            return out.to(value.dtype)
+        return original(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
+                        im2col_step, *args, **kwargs)
+
+    return functools.update_wrapper(apply, original)
+
+
+# Hugging Face transformers' models with multi-scale deformable attention, each with its own copy:
+# the class MultiScaleDeformableAttention, or a module-level composition looked up at call time.
+_TRANSFORMERS_CLASSES = ("deformable_detr", "grounding_dino", "mm_grounding_dino", "omdet_turbo", "rt_detr", "lw_detr",
+                         "rf_detr", "pp_doclayout_v2", "pp_doclayout_v3", "pp_doclayout_v4")
+_TRANSFORMERS_FUNCTIONS = (("mask2former", "multi_scale_deformable_attention"),
+                           ("oneformer", "multi_scale_deformable_attention"),
+                           ("rt_detr_v2", "multi_scale_deformable_attention_v2"),
+                           ("d_fine", "multi_scale_deformable_attention_v2"),
+                           ("deimv2", "multi_scale_deformable_attention_v2"))
+
+
+def _optional_module(name: str):
+    """The module ``name``, or None when its package is not installed (installed but broken: raise)."""
     try:
-        deform_conv = importlib.import_module("torchvision.ops.deform_conv")
+        return importlib.import_module(name)
     except ModuleNotFoundError as error:
-        if error.name != "torchvision":  # installed but broken: say so rather than skip it
-            raise
-        return targets
-    ops = importlib.import_module("torchvision.ops")
-    # DeformConv2d.forward calls its module's deform_conv2d when it runs: swapping that name routes it.
-    return targets + [
-        (ops, "deform_conv2d", _deform_conv2d_route),
-        (deform_conv, "deform_conv2d", _deform_conv2d_route),
-    ]
+        if error.name is not None and name.startswith(error.name):
+            return None
+        raise
+
+
+def _library_targets() -> list[tuple[object, str, Callable[[Callable], Callable]]]:
+    """torchvision's, Hugging Face transformers' and mmcv's functions, for the libraries installed."""
+    targets = []
+    deform_conv = _optional_module("torchvision.ops.deform_conv")
+    if deform_conv is not None:
+        ops = importlib.import_module("torchvision.ops")
+        # DeformConv2d.forward calls its module's deform_conv2d when it runs: swapping that name routes it.
+        targets += [(ops, "deform_conv2d", _deform_conv2d_route), (deform_conv, "deform_conv2d", _deform_conv2d_route)]
+    if importlib.util.find_spec("transformers") is not None:
+        for model in _TRANSFORMERS_CLASSES:
+            module = _optional_module(f"transformers.models.{model}.modeling_{model}")
+            if module is not None and hasattr(module, "MultiScaleDeformableAttention"):
+                targets.append((module.MultiScaleDeformableAttention, "forward", _transformers_forward_route))
+        for model, name in _TRANSFORMERS_FUNCTIONS:
+            module = _optional_module(f"transformers.models.{model}.modeling_{model}")
+            if module is not None and hasattr(module, name):
+                route = _per_level_route if name.endswith("_v2") else _composition_route
+                targets.append((module, name, route))
+    try:  # mmcv-lite, without its compiled ops, has no multi-scale deformable attention to swap
+        mmcv = importlib.import_module("mmcv.ops.multi_scale_deform_attn")
+    except ImportError:
+        mmcv = None
+    if mmcv is not None:
+        targets += [(mmcv, "multi_scale_deformable_attn_pytorch", _composition_route),
+                    (mmcv.MultiScaleDeformableAttnFunction, "apply", _mmcv_function_route)]
+    return targets
+
+
+def _targets() -> list[tuple[object, str, Callable[[Callable], Callable]]]:
+    """(owner, attribute, wrapper factory) of every function apply() swaps."""
+    return [(F, "grid_sample", _grid_sample_route), (F, "affine_grid", _affine_grid_route), *_library_targets()]
+
+
+# An attribute apply() set on a class that had it only by inheritance: revert() deletes it again.
+_INHERITED = object()
 
 
 def _apply() -> list[tuple[object, str]]:
-    """Swap every target not swapped yet; returns the (module, attribute) pairs it swapped."""
+    """Swap every target not swapped yet; returns the (owner, attribute) pairs it swapped."""
     wrappers: dict[Callable, Callable] = {}
     swapped_now = []
-    for module, name, route in _targets():
-        if (module, name) in _originals:
+    for owner, name, route in _targets():
+        if (owner, name) in _originals:
             continue
-        original = getattr(module, name)
+        original = getattr(owner, name)
         # One wrapper per original, so names that were one function stay one function.
         if original not in wrappers:
             wrappers[original] = route(original)
-        _originals[(module, name)] = original
-        setattr(module, name, wrappers[original])
-        swapped_now.append((module, name))
+        _originals[(owner, name)] = vars(owner).get(name, _INHERITED)
+        setattr(owner, name, wrappers[original])
+        swapped_now.append((owner, name))
     return swapped_now
 
 
 def _revert(keys) -> None:
-    """Put back the originals at these (module, attribute) pairs, skipping any already put back."""
-    for module, name in keys:
-        if (module, name) in _originals:
-            setattr(module, name, _originals.pop((module, name)))
+    """Put back the originals at these (owner, attribute) pairs, skipping any already put back."""
+    for owner, name in keys:
+        if (owner, name) in _originals:
+            original = _originals.pop((owner, name))
+            if original is _INHERITED:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
 
 
 def apply() -> None:
-    """Route ``F.grid_sample``, ``F.affine_grid`` and torchvision's ``deform_conv2d`` to stn_triton.
+    """Route ``F.grid_sample``, ``F.affine_grid``, torchvision's ``deform_conv2d`` and the multi-scale
+    deformable attention of Hugging Face transformers and mmcv to stn_triton.
 
-    Each is replaced, in its module, by a wrapper that calls stn_triton's function where that
+    Each is replaced, where it is looked up, by a wrapper that calls stn_triton's function where that
     returns what the original would, and the original (with the same arguments) everywhere else.
     ``torchvision.ops.deform_conv2d`` and ``torchvision.ops.deform_conv.deform_conv2d`` (which
-    ``torchvision.ops.DeformConv2d`` calls) are swapped when torchvision is installed. Applying
-    again is harmless: a function already swapped stays as it is, and one not swapped before
-    (torchvision installed meanwhile) is swapped now.
+    ``torchvision.ops.DeformConv2d`` calls) are swapped when torchvision is installed; the
+    ``forward`` of every transformers model's ``MultiScaleDeformableAttention`` class (Deformable
+    DETR, Grounding DINO, RT-DETR, ...: existing instances too) and the module-level compositions
+    of Mask2Former, OneFormer, RT-DETRv2, D-FINE and DEIMv2 (D-FINE and DEIMv2 bind theirs when a
+    layer is built: apply() first) when transformers is installed (importing those modules takes a
+    few seconds once); ``multi_scale_deformable_attn_pytorch`` and
+    ``MultiScaleDeformableAttnFunction.apply`` when mmcv is. Applying again is harmless: a
+    function already swapped stays as it is, and one not swapped before (a library installed
+    meanwhile) is swapped now.
     """
     _apply()
 

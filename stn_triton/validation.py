@@ -284,3 +284,97 @@ def deform_conv2d_problem(input, offset, weight, bias, stride, padding, dilation
     if bias is not None:
         return like_input_problem("bias", bias, input, (shape.out_channels,), any_dtype)
     return None
+
+
+def _int_tensor_problem(name: str, value, shape: tuple, device: torch.device) -> Problem:
+    """``value`` is an integer tensor of ``shape`` on ``device`` or the CPU."""
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        return ArgumentTypeError(f"{name} must be an integer tensor, got {value.dtype}")
+    if tuple(value.shape) != shape:
+        return ArgumentError(f"{name} must have shape {list(shape)}, got {tuple(value.shape)}")
+    if value.device not in (device, torch.device("cpu")):
+        return ArgumentTypeError(f"{name} must be on value's device {device} (or the CPU), got {value.device}")
+    return None
+
+
+def _level_list(spatial_shapes) -> list | None:
+    """The shapes as a list of (H, W) when that is free (a list, or a CPU tensor); None for a device tensor."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        return spatial_shapes.tolist() if spatial_shapes.device.type == "cpu" else None
+    return [tuple(shape) for shape in spatial_shapes]
+
+
+def ms_deform_attn_problem(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                           im2col_step, points_per_level, softmax) -> Problem:
+    """multi-scale deformable attention's arguments (Deformable DETR's, mmcv's and Hugging Face's).
+
+    Shapes, dtypes and devices always; the levels' values (positive sizes summing to value's rows,
+    starts that are their running sum) when they are free to read: a list, or tensors on the CPU. On
+    the GPU they stay there unread (a read would wait for the device), and the kernel never reads
+    outside value whatever they hold."""
+    problem = tensor_problem("value", value, (4,))
+    if problem is not None:
+        return problem
+    n, rows, heads, _ = value.shape
+    if isinstance(spatial_shapes, torch.Tensor):
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[-1] != 2:
+            return ArgumentError(f"spatial_shapes must have shape [L, 2] (H, W per level), got {tuple(spatial_shapes.shape)}")
+        problem = _int_tensor_problem("spatial_shapes", spatial_shapes, tuple(spatial_shapes.shape), value.device)
+        if problem is not None:
+            return problem
+        count = spatial_shapes.shape[0]
+    elif isinstance(spatial_shapes, (list, tuple)) and all(
+        isinstance(shape, (list, tuple)) and len(shape) == 2
+        and all(isinstance(side, int) and not isinstance(side, bool) for side in shape) for shape in spatial_shapes
+    ):
+        count = len(spatial_shapes)
+    else:
+        return ArgumentTypeError(f"spatial_shapes must be an integer tensor [L, 2] or a list of (H, W) pairs of ints, "
+                                 f"got {spatial_shapes!r}")
+    if count == 0:
+        return ArgumentError("spatial_shapes must hold at least one level, got none")
+    if level_start_index is not None:
+        if not isinstance(level_start_index, torch.Tensor):
+            return ArgumentTypeError(f"level_start_index must be an integer tensor [L] or None, got "
+                                     f"{type(level_start_index).__name__}")
+        problem = _int_tensor_problem("level_start_index", level_start_index, (count,), value.device)
+        if problem is not None:
+            return problem
+    if points_per_level is not None:
+        if not isinstance(points_per_level, (list, tuple)) or len(points_per_level) != count or not all(
+            isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in points_per_level
+        ):
+            return ArgumentError(f"points_per_level must hold one positive int per level ({count}), got "
+                                 f"{points_per_level!r}")
+    # Locations and weights are read in their own floating dtypes (autocast makes them differ from value's).
+    if points_per_level is not None:
+        loc_shape = (n, None, heads, sum(points_per_level), 2)
+    else:
+        loc_shape = (n, None, heads, count, None, 2)
+    problem = like_input_problem("sampling_locations", sampling_locations, value, loc_shape, any_dtype=True)
+    if problem is not None:
+        return problem
+    problem = like_input_problem("attention_weights", attention_weights, value, tuple(sampling_locations.shape[:-1]),
+                                 any_dtype=True)
+    if problem is not None:
+        return problem
+    if not isinstance(im2col_step, int) or isinstance(im2col_step, bool) or im2col_step <= 0:
+        return ArgumentError(f"im2col_step must be a positive int (it has no effect here), got {im2col_step!r}")
+    if not isinstance(softmax, bool):
+        return ArgumentTypeError(f"softmax must be a bool, got {softmax!r}")
+    shapes = _level_list(spatial_shapes)
+    if shapes is None:
+        return None
+    if any(h <= 0 or w <= 0 for h, w in shapes):
+        return ArgumentError(f"spatial_shapes must hold positive (H, W) per level, got {shapes}")
+    if sum(h * w for h, w in shapes) != rows:
+        return ArgumentError(f"value must have sum(H * W) = {sum(h * w for h, w in shapes)} rows for spatial_shapes "
+                             f"{shapes}, got value of shape {tuple(value.shape)}")
+    if level_start_index is not None and level_start_index.device.type == "cpu":
+        starts = [0]
+        for h, w in shapes[:-1]:
+            starts.append(starts[-1] + h * w)
+        if level_start_index.tolist() != starts:
+            return ArgumentError(f"level_start_index must be the running sum of H * W of spatial_shapes, {starts}, "
+                                 f"got {level_start_index.tolist()}")
+    return None

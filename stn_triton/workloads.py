@@ -110,6 +110,35 @@ def dcn_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
     }
 
 
+def msda_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
+    """value [N, S, M, D] in ``dtype``; the levels as device tensors (as the models pass them); locations
+    [N, Lq, M, L, P, 2] about a pixel around each query's reference point (the encoder's queries: its
+    own rows' centres; the decoder's: random points) and weights [N, Lq, M, L, P] (a softmax) in
+    float32, as autocast leaves them beside a half-precision value. ``layout`` names value's only one."""
+    batch, heads, channels, points, queries = shape.N, shape.heads, shape.C, shape.points, shape.queries
+    levels = torch.tensor(shape.levels, dtype=torch.int64, device=device)
+    areas = levels[:, 0] * levels[:, 1]
+    rows = int(sum(h * w for h, w in shape.levels))
+    if queries == rows:
+        centres = [torch.stack(torch.meshgrid((torch.arange(w, device=device) + 0.5) / w,
+                                              (torch.arange(h, device=device) + 0.5) / h, indexing="xy"), -1).view(-1, 2)
+                   for h, w in shape.levels]
+        reference = torch.cat(centres).expand(batch, rows, 2)
+    else:
+        reference = 0.05 + 0.9 * torch.rand((batch, queries, 2), device=device, generator=gen)
+    pixel = 1.0 / torch.tensor([[w, h] for h, w in shape.levels], dtype=torch.float32, device=device)  # [L, 2]
+    offsets = torch.randn((batch, queries, heads, len(shape.levels), points, 2), device=device, generator=gen)
+    locations = reference[:, :, None, None, None, :] + offsets * pixel[None, None, None, :, None, :]
+    logits = torch.randn((batch, queries, heads, len(shape.levels) * points), device=device, generator=gen)
+    return {
+        "value": randn((batch, rows, heads, channels), dtype, device, gen),
+        "spatial_shapes": levels,
+        "level_start_index": torch.cumsum(areas, 0) - areas,
+        "sampling_locations": locations,
+        "attention_weights": logits.softmax(-1).view(batch, queries, heads, len(shape.levels), points),
+    }
+
+
 # ---- stn_triton's calls ---------------------------------------------------------------------------
 
 
@@ -136,6 +165,12 @@ def ours_tps_grid_sample(input, source_points, control_points, *, out_size):
     return stn_triton.tps_grid_sample(input, source_points, control_points, size=size, align_corners=False)
 
 
+def ours_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, *, levels):
+    """The levels as device tensors, as Deformable DETR passes them (read on the device, no sync); ``levels``,
+    the Python list the compositions take, goes unused here."""
+    return stn_triton.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
 def ours_deform_conv2d(input, offset, mask, weight, bias, *, padding):
     return stn_triton.deform_conv2d(input, offset, weight, bias, padding=padding, mask=mask)
 
@@ -160,4 +195,7 @@ def workload(shape: BenchShape):
     if op in ("deform_conv2d", "DeformConv2d"):
         return (dcn_inputs, functools.partial(ours_deform_conv2d, padding=shape.kernel // 2),
                 ("input", "offset", "mask", "weight", "bias"))
+    if op == "ms_deform_attn":
+        return (msda_inputs, functools.partial(ours_ms_deform_attn, levels=shape.levels),
+                ("value", "sampling_locations", "attention_weights"))
     raise ValueError(f"no workload for op {op!r}")

@@ -56,6 +56,10 @@ def _analyse() -> list[dict]:
     weight = torch.randn(4, 4, 3, 3, generator=g, requires_grad=True)
     mask = torch.rand(2, 9, 8, 8, generator=g, requires_grad=True)
     bias = torch.randn(4, generator=g, requires_grad=True)
+    shapes = torch.tensor([[4, 5], [2, 3]])
+    value = torch.randn(2, 26, 2, 8, generator=g, requires_grad=True)
+    locations = torch.rand(2, 7, 2, 2, 2, 2, generator=g, requires_grad=True)
+    weights = torch.rand(2, 7, 2, 2, 2, generator=g, requires_grad=True)
     calls = {
         "grid_sample": lambda: stn_triton.grid_sample(x, grid),
         "grid_sample bicubic": lambda: stn_triton.grid_sample(x, grid, mode="bicubic", padding_mode="border"),
@@ -67,6 +71,10 @@ def _analyse() -> list[dict]:
         "tps_grid_sample": lambda: stn_triton.tps_grid_sample(x, source),
         "warp_affine fill": lambda: stn_triton.warp_affine(x, M, (6, 7), padding_mode="fill"),
         "deform_conv2d": lambda: stn_triton.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask),
+        "ms_deform_attn": lambda: stn_triton.ms_deform_attn(value, shapes, None, locations, weights),
+        "ms_deform_attn softmax per level": lambda: stn_triton.ms_deform_attn(
+            value, shapes, None, locations.flatten(3, 4)[:, :, :, :3], weights.flatten(3, 4)[:, :, :, :3],
+            points_per_level=[2, 1], softmax=True),
     }
     results = []
     for label, call in calls.items():

@@ -62,6 +62,15 @@ def _calls() -> dict:
         m = rand(2, offset_groups * 9, size, size, dtype=dtype, lo=0.0, hi=1.0) if mask else None
         return lambda: stn_triton.deform_conv2d(x, offset, weight, b, padding=1, mask=m)
 
+    def attention(dtype, d=32, per_level=False, softmax=False, loc_dtype=None):
+        shapes = torch.tensor([[6, 5], [3, 3], [1, 2]])
+        value = rand(2, 41, 2, d, dtype=dtype)
+        loc_shape = (2, 7, 2, 6, 2) if per_level else (2, 7, 2, 3, 2, 2)
+        locations = rand(*loc_shape, dtype=loc_dtype or dtype, lo=0.0)
+        weights = rand(*loc_shape[:-1], dtype=loc_dtype or dtype, lo=0.0)
+        return lambda: stn_triton.ms_deform_attn(value, shapes, None, locations, weights,
+                                                 points_per_level=[3, 2, 1] if per_level else None, softmax=softmax)
+
     def affine_grid(dtype, nd):
         theta = rand(2, nd, nd + 1, dtype=dtype)
         return lambda: stn_triton.affine_grid(theta, (2, 3, *([5] * nd)))
@@ -86,6 +95,11 @@ def _calls() -> dict:
         "deform-bf16-nchw-gather": (deform(torch.bfloat16, channels=4), False, False),
         "deform-fp64": (deform(torch.float64, mask=False), False, False),
         "deform-fp32-det": (deform(torch.float32), True, False),
+        "attention-fp32": (attention(torch.float32), False, False),
+        "attention-bf16-fp32-points-softmax": (attention(torch.bfloat16, softmax=True, loc_dtype=torch.float32), False,
+                                               False),
+        "attention-fp16-per-level-int64": (attention(torch.float16, d=8, per_level=True), False, True),
+        "attention-fp64-det": (attention(torch.float64, d=3, softmax=True), True, False),
         # Sizes Triton specializes arriving as the constant 1: a depthwise layer, one output pixel.
         "deform-fp32-depthwise-1px": (deform(torch.float32, channels=8, groups=8, offset_groups=8, size=1), True, False),
     }

@@ -79,3 +79,19 @@ def test_modules_script_and_train_as_their_eager_selves(make):
         outputs.append((out.detach(), *(a.grad for a in leaves)))
     for a, b in zip(*outputs):
         torch.testing.assert_close(a, b)
+
+
+def test_ms_deform_attn_and_its_module_script():
+    gen = generator(4)
+    shapes = torch.tensor([[3, 4], [2, 2]], device=DEVICE)
+    value = randn((2, 16, 2, 4), gen, torch.float32)
+    locations = rand((2, 5, 2, 2, 2, 2), gen, 0.0, 1.0, torch.float32)
+    weights = rand((2, 5, 2, 2, 2), gen, 0.0, 1.0, torch.float32)
+    torch.testing.assert_close(script(stn_triton.ms_deform_attn)(value, shapes, None, locations, weights),
+                               stn_triton.ms_deform_attn(value, shapes, None, locations, weights))
+    module = stn_triton.MSDeformAttn(d_model=8, n_levels=2, n_heads=2, n_points=2).to(DEVICE)
+    query, flat = randn((2, 5, 8), gen, torch.float32), randn((2, 16, 8), gen, torch.float32)
+    reference_points = rand((2, 5, 2, 2), gen, 0.0, 1.0, torch.float32)
+    starts = torch.tensor([0, 12], device=DEVICE)
+    torch.testing.assert_close(script(module)(query, reference_points, flat, shapes, starts),
+                               module(query, reference_points, flat, shapes, starts))

@@ -241,12 +241,13 @@ def test_every_kernel_launch_goes_through_a_tuned_kernel():
     """Each Triton kernel the ops launch has a config space, a heuristic and declared writes."""
     import stn_triton.kernels.affine_grid as affine_grid_kernels
     import stn_triton.kernels.deform_conv as dcn_kernels
+    import stn_triton.kernels.ms_deform_attn as attention_kernels
     import stn_triton.kernels.sample as sample_kernels
     import stn_triton.kernels.sorted_scatter as sorted_kernels
 
     launched = {
         getattr(module, name)
-        for module in (dcn_kernels, sample_kernels, affine_grid_kernels, sorted_kernels)
+        for module in (dcn_kernels, sample_kernels, affine_grid_kernels, sorted_kernels, attention_kernels)
         for name in dir(module)
         if name.startswith("_") and name.endswith("_kernel")
     }
@@ -287,6 +288,9 @@ def test_tune_writes_a_table_that_the_ops_then_use(tables):
     torch.testing.assert_close(stn_triton.affine_grid_sample(x, theta), x, atol=1e-5, rtol=1e-5)
 
 
+CUDA_LIKE = torch.device("cpu")  # the heuristics count SMs: an H100's for a non-CUDA device
+
+
 def _in_space(config: triton.Config, tuned: tuning.TunedKernel) -> bool:
     return tuning._options_key(tuning.launch_options(config)) in tuned.space
 
@@ -294,7 +298,7 @@ def _in_space(config: triton.Config, tuned: tuning.TunedKernel) -> bool:
 def test_every_heuristic_picks_a_config_of_its_space():
     """A heuristic's config is one the space times too, so the tuned table (which accepts only configs
     of the space) can only improve on it."""
-    from stn_triton.ops import affine_grid, deform_conv_configs, sample_configs, sorted_scatter
+    from stn_triton.ops import affine_grid, deform_conv_configs, ms_deform_attn, sample_configs, sorted_scatter
 
     checked = set()
     for channels in (1, 3, 4, 5, 16, 32, 64, 256):
@@ -320,6 +324,13 @@ def test_every_heuristic_picks_a_config_of_its_space():
     for tuned in (affine_grid._grid_kernel, affine_grid._bwd_kernel):
         assert _in_space(tuned.heuristic(), tuned), tuned.name
         checked.add(tuned.name)
+    for channels in (1, 3, 8, 16, 32, 33, 64, 128, 256):
+        for rows in (1, 300, 2 * 300 * 8, 2 * 22223 * 8):
+            for backward in (False, True):
+                for tuned in (ms_deform_attn.fwd_kernel, ms_deform_attn.bwd_kernel, ms_deform_attn.taps_kernel):
+                    config = tuned.heuristic(channels=channels, rows=rows, backward=backward, device=CUDA_LIKE)
+                    assert _in_space(config, tuned), (tuned.name, channels, rows, backward)
+                    checked.add(tuned.name)
     assert checked == {kernel.name for kernel in tuning.REGISTRY}, "every tuned kernel's heuristic is checked"
 
 
