@@ -30,6 +30,7 @@ def _cases():
     offset = randn((2, 18, 12, 13), gen, torch.float64, CUDA)
     weight = randn((4, 5, 3, 3), gen, torch.float64, CUDA)
     mask = rand((2, 9, 12, 13), gen, 0.0, 1.0, torch.float64, CUDA)
+    levels = torch.tensor([[4, 6], [2, 3]], device=CUDA)
     return {
         "grid_sample": (lambda a, g: stn_triton.grid_sample(a, g, mode="bicubic", padding_mode="border"), (x, grid)),
         "grid_sample-3d": (stn_triton.grid_sample, (x3, rand((2, 4, 5, 6, 3), gen, -1.1, 1.1, torch.float64, CUDA))),
@@ -43,12 +44,16 @@ def _cases():
                              (x, torch.eye(3, dtype=torch.float64, device=CUDA).repeat(2, 1, 1))),
         "deform_conv2d": (lambda a, o, w, m: stn_triton.deform_conv2d(a, o, w, padding=1, mask=m),
                           (x, offset, weight, mask)),
+        "ms_deform_attn": (lambda v, loc, a: stn_triton.ms_deform_attn(v, levels, None, loc, a, softmax=True),
+                           (randn((2, 30, 2, 8), gen, torch.float64, CUDA), rand((2, 7, 2, 2, 3, 2), gen, 0, 1, torch.float64, CUDA),
+                            randn((2, 7, 2, 2, 3), gen, torch.float64, CUDA))),
     }
 
 
 # The names of _cases(), whose tensors are built per test, on the GPU.
 IDS = ["grid_sample", "grid_sample-3d", "affine_grid", "affine_grid_sample", "affine_grid_sample-3d",
-       "perspective_grid_sample", "tps_grid_sample", "warp_affine", "warp_perspective", "deform_conv2d"]
+       "perspective_grid_sample", "tps_grid_sample", "warp_affine", "warp_perspective", "deform_conv2d",
+       "ms_deform_attn"]
 
 
 def _run(fn, tensors):
@@ -131,3 +136,19 @@ def test_launches_go_to_the_tensors_device():
     with torch.cuda.device(0):
         out = stn_triton.grid_sample(x, grid)
     torch.testing.assert_close(out, torch.nn.functional.grid_sample(x, grid, align_corners=False))
+
+
+def test_opcheck_ms_deform_attn_ops():
+    from stn_triton.ops import ms_deform_attn as ops
+
+    gen = generator(24)
+    value = randn((2, 30, 2, 8), gen, torch.float32, CUDA).requires_grad_()
+    loc = rand((2, 7, 2, 2, 3, 2), gen, 0.0, 1.0, torch.float32, CUDA).requires_grad_()
+    attn = rand((2, 7, 2, 2, 3), gen, 0.0, 1.0, torch.float32, CUDA).requires_grad_()
+    levels = ops.levels(value, torch.tensor([[4, 6], [2, 3]], device=CUDA), None, (3, 3), False)
+    for softmax in (False, True):
+        torch.library.opcheck(ops.attention_op, (value, *levels, loc, attn, softmax, torch.float32))
+        grad = randn((2, 7, 16), gen, torch.float32, CUDA).requires_grad_()
+        for deterministic in (False, True):
+            torch.library.opcheck(ops.attention_backward_op, (grad, value.detach(), *levels, loc.detach(), attn.detach(),
+                                                              softmax, torch.float32, True, True, True, deterministic))

@@ -29,10 +29,15 @@ EXPECTED_OUTPUT = {
         r"test error, plain CNN: \d+\.\d+%",
         r"test error, CNN \+ deformable conv: \d+\.\d+%",
     ],
+    "deformable_detr.ipynb": [
+        r"attention calls routed to stn_triton: 2 ",
+        r"parameter gradients, max \|swap on - off\|: \d\.\d\de-1\d",
+        r"kept for the backward beyond the inputs: composition \d+\.\d MiB, fused 0\.0 MiB",
+    ],
 }
 
 # Packages the notebooks import beyond the library's own dependencies.
-NOTEBOOK_PACKAGES = ("matplotlib", "mlxtend", "pandas")
+NOTEBOOK_PACKAGES = ("matplotlib", "mlxtend", "pandas", "transformers")
 
 # Runs the code cells of the notebook at argv[1] in order, in one namespace; a line starting with
 # % or ! (IPython magic or shell) is skipped. A traceback names the cell that failed.
