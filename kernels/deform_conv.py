@@ -383,7 +383,7 @@ def _deform_conv_bwd_weight_kernel(
 @triton.jit(do_not_specialize=SIZES + ["P", "G"])
 def _deform_conv_taps_kernel(
     off_ptr,  # [N, 2 * G * K, HO, WO] offsets
-    key_ptr,  # [N * HO * WO, G, K, 4] int64 out: offset in grad_input (sgx_*) of each corner read, -1 where it misses
+    key_ptr,  # [N * HO * WO, G, K, 4] int32 or int64 out: offset in grad_input (sgx_*) of each corner read, -1 where it misses
     weight_ptr,  # [N * HO * WO, G, K, 4] out: the corner's bilinear weight
     source_ptr,  # [N * HO * WO, G, K] int64 out: offset of the read's channels in the column gradient [M, K, C]
     P, C, H, W, WO, KW, K, G, CPG,
@@ -410,5 +410,5 @@ def _deform_conv_taps_kernel(
     for t in tl.static_range(4):
         xi, yi, _, inside, weight, _, _, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
         key = n * sgx_n + yi.to(tl.int64) * sgx_h + xi.to(tl.int64) * sgx_w + group_channels
-        tl.store(key_ptr + read * 4 + t, tl.where(inside, key, -1), mask=row_mask)
+        tl.store(key_ptr + read * 4 + t, tl.where(inside, key, -1).to(key_ptr.dtype.element_ty), mask=row_mask)
         tl.store(weight_ptr + read * 4 + t, weight.to(weight_ptr.dtype.element_ty), mask=row_mask)

@@ -73,7 +73,7 @@ def _ms_deform_attn_kernel(
     gvalue_ptr,  # BACKWARD, VALUE_GRAD: zero-filled [N, S, M, D] contiguous, compute dtype, added atomically
     gloc_ptr,  # BACKWARD, LOC_GRAD: [N, Lq, M, TP, 2] contiguous out, compute dtype
     gattn_ptr,  # BACKWARD, ATTN_GRAD: [N, Lq, M, TP] contiguous out, compute dtype (SOFTMAX: of the logits)
-    key_ptr,  # LIST_TAPS: [N, Lq, M, TP, 4] int64 out: offset in grad_value of each corner's row, -1 if it misses
+    key_ptr,  # LIST_TAPS: [N, Lq, M, TP, 4] int32 or int64 out: offset in grad_value of each corner's row, -1 if it misses
     weight_ptr,  # LIST_TAPS: [N, Lq, M, TP, 4] out: the corner's weight (attention times bilinear)
     source_ptr,  # LIST_TAPS: [N, Lq, M, TP] int64 out: offset in gy of the query's head
     S, LQ, M, D, L, TP,  # value rows per image, queries, heads, channels per head, levels, points per head
@@ -161,7 +161,7 @@ def _ms_deform_attn_kernel(
                 for t in tl.static_range(4):
                     xi, yi, _, inside, weight, _, _, _ = tap(t, x, y, x, W, H, 1, BILINEAR, ZEROS, False, 2)
                     key = ((n.to(tl.int64) * S + (start + yi * W + xi)) * M + m) * D
-                    tl.store(key_ptr + read * 4 + t, tl.where(inside, key, -1), mask=q_mask)
+                    tl.store(key_ptr + read * 4 + t, tl.where(inside, key, -1).to(key_ptr.dtype.element_ty), mask=q_mask)
                     tl.store(weight_ptr + read * 4 + t, (a * weight).to(weight_ptr.dtype.element_ty), mask=q_mask)
     else:
         gy_rows = gy_ptr + n * sgy_n + q * sgy_q

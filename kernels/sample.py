@@ -88,7 +88,7 @@ def _sample_kernel(
     gy_ptr,  # BACKWARD: gradient of the output, any strides (0 included)
     gx_ptr,  # BACKWARD, INPUT_GRAD: zero-filled gradient of the input, accumulated atomically
     gcoords_ptr,  # BACKWARD, COORD_GRAD: per split, grad_grid [N, P, NDIM] or the transform's partial sums
-    key_ptr,  # LIST_TAPS: [N * P, TAPS] int64 out: offset in grad_input (sgx_*) of each tap's pixel, -1 where it misses
+    key_ptr,  # LIST_TAPS: [N * P, TAPS] int32 or int64 out: offset in grad_input (sgx_*) of each tap's pixel, -1 where it misses
     weight_ptr,  # LIST_TAPS: [N * P, TAPS] out: each tap's weight
     source_ptr,  # LIST_TAPS: [N * P] int64 out: offset in grad_output (sgy_*) of each output pixel
     P,  # D_out * H_out * W_out: output pixels per image
@@ -185,7 +185,7 @@ def _sample_kernel(
         for t in tl.static_range(TAPS):
             xi, yi, zi, inside, weight, _, _, _ = tap(t, x, y, z, W, H, D, MODE, PADDING, ALIGN_CORNERS, NDIM)
             key = image * sgx_n + zi.to(tl.int64) * sgx_d + yi.to(tl.int64) * sgx_h + xi.to(tl.int64) * sgx_w
-            tl.store(key_ptr + output * TAPS + t, tl.where(inside, key, -1), mask=p_mask)
+            tl.store(key_ptr + output * TAPS + t, tl.where(inside, key, -1).to(key_ptr.dtype.element_ty), mask=p_mask)
             tl.store(weight_ptr + output * TAPS + t, weight.to(weight_ptr.dtype.element_ty), mask=p_mask)
     else:
         c_begin, c_end = program_channels(C, SPLITS, BLOCK_C)

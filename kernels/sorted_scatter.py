@@ -38,7 +38,7 @@ def _sum_segments_kernel(
     src_ptr,  # values the entries read: element source[entry >> SHIFT] + c * s_src_c
     source_ptr,  # [E >> SHIFT] int64: offset in src of each group of 2**SHIFT consecutive entries
     weight_ptr,  # [E] weight of each entry (unsorted order)
-    sorted_key_ptr,  # [E] int64 keys sorted ascending (stable), -1 first
+    sorted_key_ptr,  # [E] int32 or int64 keys sorted ascending (stable), -1 first
     order_ptr,  # [E] int64: position of each sorted key in the unsorted list
     run_end_ptr,  # [E] int64: one past the last sorted position holding the same key
     segment_ptr,  # [E] int64: the row of partial sums of the segment each sorted position belongs to

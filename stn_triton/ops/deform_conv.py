@@ -46,7 +46,7 @@ from stn_triton.ops.deform_conv_configs import (
     weight_grad_splits,
 )
 from stn_triton.ops.deform_conv_policy import dot_precision, gather_channels_last, gather_source
-from stn_triton.ops.sorted_scatter import scatter_sorted
+from stn_triton.ops.sorted_scatter import key_dtype, scatter_sorted
 from stn_triton.tuning import bucket
 
 
@@ -279,7 +279,7 @@ def _sorted_grad_input(columns: torch.Tensor, call: _Call) -> torch.Tensor:
     shape = call.shape
     g, k = shape.offset_groups, shape.taps
     reads = shape.rows * g * k
-    keys = torch.empty(reads * 4, dtype=torch.int64, device=columns.device)
+    keys = torch.empty(reads * 4, dtype=key_dtype(call.x.numel()), device=columns.device)
     weights = torch.empty(reads * 4, dtype=columns.dtype, device=columns.device)
     sources = torch.empty(reads, dtype=torch.int64, device=columns.device)
     grad_input = torch.zeros_like(call.x)

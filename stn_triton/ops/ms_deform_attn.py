@@ -28,7 +28,7 @@ from stn_triton.kernels.ms_deform_attn import _ms_deform_attn_kernel
 from stn_triton.numerics import cdiv, compute_dtype, next_power_of_2
 from stn_triton.ops._dispatch import OpRules, call, fold, no_forward_ad, per_sample, unfold
 from stn_triton.ops._launch import multiprocessors, needs_int64
-from stn_triton.ops.sorted_scatter import scatter_sorted
+from stn_triton.ops.sorted_scatter import key_dtype, scatter_sorted
 from stn_triton.tuning import TunedKernel, bucket
 
 
@@ -241,7 +241,7 @@ def _deterministic_grad_value(grad_output, value, loc, spec: AttnSpec, args: dic
     reads = n * loc.shape[1] * m * args["TP"]
     if reads == 0 or d == 0:
         return grad_value
-    keys = torch.empty(reads * 4, dtype=torch.int64, device=value.device)
+    keys = torch.empty(reads * 4, dtype=key_dtype(grad_value.numel()), device=value.device)
     weights = torch.empty(reads * 4, dtype=compute_dtype(value.dtype), device=value.device)
     sources = torch.empty(reads, dtype=torch.int64, device=value.device)
     key = _key("taps", value, loc, spec)

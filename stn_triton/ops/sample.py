@@ -42,7 +42,7 @@ from stn_triton.ops._launch import (
     spatial_size,
 )
 from stn_triton.ops.sample_configs import bwd_kernel, fwd_kernel, taps_kernel
-from stn_triton.ops.sorted_scatter import scatter_sorted
+from stn_triton.ops.sorted_scatter import key_dtype, scatter_sorted
 from stn_triton.tuning import bucket
 
 
@@ -249,7 +249,7 @@ def _deterministic_grad_input(grad_output, input, spec: SampleSpec, args: dict) 
     entries = outputs * spec.taps
     if entries == 0 or channels == 0:
         return grad_input
-    keys = torch.empty(entries, dtype=torch.int64, device=input.device)
+    keys = torch.empty(entries, dtype=key_dtype(grad_input.numel()), device=input.device)
     weights = torch.empty(entries, dtype=compute_dtype(input.dtype), device=input.device)
     sources = torch.empty(outputs, dtype=torch.int64, device=input.device)
     key = shape_key("taps", input, spec)

@@ -15,17 +15,23 @@ import torch
 import triton
 
 from stn_triton.kernels.sorted_scatter import _sum_runs_kernel, _sum_segments_kernel
-from stn_triton.numerics import cdiv, next_power_of_2
+from stn_triton.numerics import INT32_LIMIT, cdiv, next_power_of_2
 from stn_triton.tuning import TunedKernel
 
 # Entries one lane sums at most before handing its sum to the run pass (a power of two).
 CHUNK = 32
 
 
+def key_dtype(destination_elements: int) -> torch.dtype:
+    """The dtype of the keys of a scatter into ``destination_elements`` elements: int32 whenever the
+    offsets fit (a radix sort of 32-bit keys takes half the passes of 64-bit ones), else int64."""
+    return torch.int32 if destination_elements <= INT32_LIMIT else torch.int64
+
+
 class SortedRuns(NamedTuple):
     """A list of destination keys sorted stably, and where its runs and segments lie."""
 
-    keys: torch.Tensor  # [E] int64, ascending, -1 (no destination) first
+    keys: torch.Tensor  # [E] int32 or int64, ascending, -1 (no destination) first
     order: torch.Tensor  # [E] int64: position of each sorted key in the unsorted list
     run_end: torch.Tensor  # [E] int64: one past the last position holding the same key
     segment: torch.Tensor  # [E] int64: the segment (run piece between cuts every CHUNK positions) of each position
@@ -33,13 +39,19 @@ class SortedRuns(NamedTuple):
 
 
 def sorted_runs(keys: torch.Tensor, destinations: int) -> SortedRuns:
-    """Sort ``keys`` [E] (``destinations``: how many distinct non-negative keys there can be at most)."""
+    """Sort ``keys`` [E] (``destinations``: how many distinct non-negative keys there can be at most).
+
+    Every step is a sort or a scan, each a fixed order on the device: a run's end is the least
+    "one past a run's last position" at or after each position (a reversed cumulative minimum, where
+    a binary search per position would read the list at random 25 times over)."""
     entries = keys.numel()
     sorted_keys, order = torch.sort(keys, stable=True)
-    run_end = torch.searchsorted(sorted_keys, sorted_keys, right=True)
-    previous = torch.cat([sorted_keys.new_full((1,), -1), sorted_keys[:-1]])
     position = torch.arange(entries, device=keys.device)
-    starts = (sorted_keys >= 0) & ((sorted_keys != previous) | (position % CHUNK == 0))
+    changes = sorted_keys[1:] != sorted_keys[:-1]
+    last = torch.cat([changes, changes.new_ones(1)])  # the last position of each run
+    run_end = torch.where(last, position + 1, entries).flip(0).cummin(0).values.flip(0)
+    first = torch.cat([changes.new_ones(1), changes])
+    starts = (sorted_keys >= 0) & (first | (position % CHUNK == 0))
     segment = torch.cumsum(starts, dim=0) - 1
     return SortedRuns(sorted_keys, order, run_end, segment, min(entries, destinations + cdiv(entries, CHUNK)))
 
@@ -78,7 +90,7 @@ def scatter_sorted(dst: torch.Tensor, s_dst_c: int, channels: int, keys: torch.T
     """``dst[keys[i] + c * s_dst_c] = sum over entries i in sorted order of weights[i] * src[sources[i >> s] +
     c * s_src_c]`` for c < ``channels``, without atomics; ``dst`` zero-filled, each destination written once.
 
-    ``keys`` [E] int64 (-1: no destination), ``weights`` [E], ``sources`` [E >> s] int64 with E >> s
+    ``keys`` [E] (``key_dtype``; -1: no destination), ``weights`` [E], ``sources`` [E >> s] int64 with E >> s
     dividing E into groups of 2**s consecutive entries; ``destinations`` bounds the distinct keys;
     ``key`` is the tuned-table key of the caller's shape.
     """
