@@ -20,3 +20,9 @@ TPS = 3  # a thin-plate spline: coefficients [N, K + 3, 2] over control points [
 FORWARD = 0  # the output
 BACKWARD = 1  # grad_input (atomically) and/or the points' gradient
 LIST_TAPS = 2  # every (output pixel, tap) pair's input pixel and weight, for the deterministic backward
+
+# Which RoI pooling a RoI kernel computes (kernels/roi.py).
+ROI_ALIGN = 0  # torchvision's roi_align: the legacy half-pixel rule unless aligned, RoIs at least 1x1
+PS_ROI_ALIGN = 1  # torchvision's ps_roi_align: output channel c of bin b reads input channel c * bins + b
+DEFORM_ROI_POOL = 2  # mmcv's deform_roi_pool: RoI align (aligned) with each bin shifted by a learnt offset
+ROI_KINDS = {"roi_align": ROI_ALIGN, "ps_roi_align": PS_ROI_ALIGN, "deform_roi_pool": DEFORM_ROI_POOL}

@@ -31,6 +31,7 @@ from stn_triton.kernels import codes
 from stn_triton.kernels.sampling import (
     as_index,
     gather,
+    program_channels,
     sample_point,
     scatter_add,
     tap,
@@ -68,14 +69,6 @@ def program_pixels(P, OD, OH, OW, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr)
     q = as_index(block, INDEX_64) * BLOCK_P + tl.arange(0, BLOCK_P)
     _, d, h, w = unravel_pixel(q, OD, OH, OW)
     return block, n, q, d, h, w, q < P
-
-
-@triton.jit
-def program_channels(C, SPLITS, BLOCK_C: tl.constexpr):
-    """This program's channel range [begin, end): split program_id(1) of SPLITS, whole BLOCK_C chunks."""
-    per_split = tl.cdiv(tl.cdiv(C, SPLITS), BLOCK_C) * BLOCK_C
-    begin = tl.program_id(1) * per_split
-    return begin, tl.minimum(begin + per_split, C)
 
 
 @triton.jit(do_not_specialize=SIZES)

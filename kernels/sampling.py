@@ -56,6 +56,14 @@ def as_index(x, INDEX_64: tl.constexpr):
 
 
 @triton.jit
+def program_channels(C, SPLITS, BLOCK_C: tl.constexpr):
+    """This program's channel range [begin, end): split program_id(1) of SPLITS, whole BLOCK_C chunks."""
+    per_split = tl.cdiv(tl.cdiv(C, SPLITS), BLOCK_C) * BLOCK_C
+    begin = tl.program_id(1) * per_split
+    return begin, tl.minimum(begin + per_split, C)
+
+
+@triton.jit
 def unravel_pixel(p, OD, OH, OW):
     """Flat output pixel index -> (n, d, h, w) for an output of spatial size OD x OH x OW."""
     w = p % OW

@@ -19,3 +19,8 @@ class ArgumentTypeError(TypeError, RuntimeError):
 class UnsupportedArgumentError(ValueError, NotImplementedError):
     """A well-formed request that the replaced op does not implement either (PyTorch's affine_grid
     raises NotImplementedError for sizes that are neither 4-D nor 5-D)."""
+
+
+class AssertedArgumentError(ArgumentError, AssertionError):
+    """A malformed argument that the replaced op rejects by assertion (torchvision's and mmcv's
+    checks of the boxes' shape): catchable as AssertionError too."""

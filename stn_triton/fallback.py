@@ -1,4 +1,4 @@
-"""Plain PyTorch implementations of the fused warps and of deformable convolution.
+"""Plain PyTorch implementations of the fused warps, deformable convolution, deformable attention and RoI pooling.
 
 These run when a CPU tensor is used without ``TRITON_INTERPRET=1`` (see ``stn_triton.backend``):
 they build the sampling grid (or the column buffer) in memory and call ``F.grid_sample`` (or a
@@ -11,10 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from stn_triton.geometry import affine_to_homography, normalized_inverse_map, tps_coefficients, tps_radial
+from stn_triton.kernels import codes
+from stn_triton.numerics import compute_dtype
+from stn_triton.ops._launch import channels_last
 
 # Normalized coordinates beyond this are replaced by it (NaN by its negative): far outside any
 # image, yet small enough that F.grid_sample's CPU index arithmetic cannot overflow on them.
 COORD_LIMIT = 1.0e4
+# Adaptive RoI sample grids are capped at this many samples a side, as the kernels cap them.
+GRID_LIMIT = 2.0**24
 
 
 def finite_grid(grid: torch.Tensor) -> torch.Tensor:
@@ -172,3 +177,93 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights,
     weights = weights.transpose(1, 2).reshape(n * m, 1, queries, total)
     out = (torch.cat(samples, dim=-1) * weights).sum(-1).view(n, m * d, queries).transpose(1, 2)
     return out.to(out_dtype)
+
+
+def _clamped_axis(y: torch.Tensor, size: int):
+    """torchvision's RoI bilinear rule along one axis (kernels/roi.py, ``clamped_axis``): rows low and
+    high of max(y, 0), their weights, and whether y lies in [-1, size] (NaN does not)."""
+    inside = (y >= -1) & (y <= size)
+    yc = torch.where(inside & (y > 0), y, torch.zeros_like(y))
+    low = yc.floor()
+    edge = low >= size - 1
+    low = torch.where(edge, torch.full_like(low, size - 1), low)
+    yc = torch.where(edge, low, yc)
+    frac = yc - low
+    high = torch.where(edge, low, low + 1)
+    return low.long().clamp(min=0), high.long().clamp(min=0), 1 - frac, frac, inside
+
+
+def roi_pool(input, rois, offset, mask, kind: int, output_size, spatial_scale, sampling_ratio, aligned, gamma):
+    """RoI align, position-sensitive RoI align and deformable RoI pooling by explicit samples: every
+    RoI's grid sampled (adaptive grids padded to the largest and masked), as torchvision's and
+    mmcv's kernels define them. input [N, C, H, W], rois [K, 5] -> [K, C_out, PH, PW]."""
+    n_images, channels, height, width = input.shape
+    ph, pw = output_size
+    if height * width == 0:
+        c_out = channels // (ph * pw) if kind == codes.PS_ROI_ALIGN else channels
+        return input.new_zeros((rois.shape[0], c_out, ph, pw))
+    dtype = compute_dtype(input.dtype)
+    boxes = rois.to(dtype)
+    k = boxes.shape[0]
+    shift = 0.0 if kind == codes.ROI_ALIGN and not aligned else 0.5
+    start_w = boxes[:, 1] * spatial_scale - shift
+    start_h = boxes[:, 2] * spatial_scale - shift
+    roi_w = (boxes[:, 3] * spatial_scale - shift) - start_w
+    roi_h = (boxes[:, 4] * spatial_scale - shift) - start_h
+    ok = (boxes[:, 0] > -1) & (boxes[:, 0] < n_images)
+    for value in (start_w, start_h, roi_w, roi_h):
+        ok = ok & value.isfinite()
+    start_w, start_h, roi_w, roi_h = (torch.where(ok, v, torch.zeros_like(v)) for v in (start_w, start_h, roi_w, roi_h))
+    if kind == codes.ROI_ALIGN and not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1), roi_h.clamp(min=1)
+    bin_w, bin_h = roi_w / pw, roi_h / ph
+    if sampling_ratio > 0:
+        grid_w = grid_h = torch.full_like(bin_w, sampling_ratio)
+    else:
+        grid_w, grid_h = bin_w.ceil().clamp(max=GRID_LIMIT), bin_h.ceil().clamp(max=GRID_LIMIT)
+    count = grid_h * grid_w
+    if kind != codes.PS_ROI_ALIGN:
+        count = count.clamp(min=1)
+    count = torch.where(ok, count, torch.ones_like(count))
+    most_h = int(grid_h.max().clamp(min=0)) if k else 0
+    most_w = int(grid_w.max().clamp(min=0)) if k else 0
+    shape = (k, ph, pw)
+    x0 = (start_w[:, None, None] + torch.zeros(shape, dtype=dtype, device=input.device))
+    y0 = (start_h[:, None, None] + torch.zeros(shape, dtype=dtype, device=input.device))
+    if offset is not None:
+        x0 = x0 + gamma * roi_w[:, None, None] * offset[:, 0].to(dtype)
+        y0 = y0 + gamma * roi_h[:, None, None] * offset[:, 1].to(dtype)
+    bins_w = torch.arange(pw, device=input.device, dtype=dtype)
+    bins_h = torch.arange(ph, device=input.device, dtype=dtype)
+    x0 = x0 + bins_w * bin_w[:, None, None]
+    y0 = y0 + bins_h[:, None] * bin_h[:, None, None]
+    steps_w = torch.arange(most_w, device=input.device, dtype=dtype)
+    steps_h = torch.arange(most_h, device=input.device, dtype=dtype)
+    # Samples [K, PH, PW, GH, GW]: rows along GH, columns along GW.
+    # Divided by the grid side where a bin has samples (by 1 where it has none, which reads nothing).
+    xs = x0[..., None] + ((steps_w + 0.5) * bin_w[:, None, None, None]) / grid_w.clamp(min=1)[:, None, None, None]
+    ys = y0[..., None] + ((steps_h + 0.5) * bin_h[:, None, None, None]) / grid_h.clamp(min=1)[:, None, None, None]
+    x_taken = steps_w < grid_w[:, None, None, None]
+    y_taken = steps_h < grid_h[:, None, None, None]
+    xl, xh, wxl, wxh, x_in = _clamped_axis(xs, width)
+    yl, yh, wyl, wyh, y_in = _clamped_axis(ys, height)
+    x_keep = (x_in & x_taken & ok[:, None, None, None]).to(dtype)
+    y_keep = (y_in & y_taken).to(dtype)
+    pixels = input.to(dtype).permute(0, 2, 3, 1)  # [N, H, W, C]
+    image = torch.where(ok, boxes[:, 0], torch.zeros_like(boxes[:, 0])).long()[:, None, None, None, None]
+    out = 0
+    for rows, w_rows in ((yl, wyl), (yh, wyh)):
+        for cols, w_cols in ((xl, wxl), (xh, wxh)):
+            weight = (w_rows * y_keep)[..., :, None] * (w_cols * x_keep)[..., None, :]  # [K, PH, PW, GH, GW]
+            values = pixels[image, rows[..., :, None], cols[..., None, :]]  # [K, PH, PW, GH, GW, C]
+            out = out + (weight[..., None] * values).sum((3, 4))
+    out = out / count[:, None, None, None]  # [K, PH, PW, C]
+    if kind == codes.PS_ROI_ALIGN:
+        c_out = channels // (ph * pw)
+        bins = torch.arange(ph * pw, device=input.device)
+        index = (torch.arange(c_out, device=input.device)[None, :] * ph * pw + bins[:, None]).view(1, ph, pw, c_out)
+        out = torch.gather(out, 3, index.expand(k, ph, pw, c_out))
+    if mask is not None:
+        out = out * mask[:, 0, :, :, None].to(dtype)
+    fmt = torch.channels_last if channels_last(input) else torch.contiguous_format
+    return out.permute(0, 3, 1, 2).to(input.dtype).contiguous(memory_format=fmt)

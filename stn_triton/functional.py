@@ -6,8 +6,10 @@ op replaced (``stn_triton.errors``).
 """
 
 import functools
+import math
 import warnings
 from collections.abc import Sequence
+from typing import List, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +17,12 @@ import torch.nn.functional as F
 from stn_triton import fallback, geometry, validation
 from stn_triton.backend import TORCH, backend
 from stn_triton.derived import derived
+from stn_triton.kernels import codes
 from stn_triton.numerics import compute_dtype
 from stn_triton.ops import affine_grid as _affine_grid_op
 from stn_triton.ops import deform_conv as _deform_conv_op
 from stn_triton.ops import ms_deform_attn as _attention_op
+from stn_triton.ops import roi as _roi_op
 from stn_triton.ops import sample as _sample_op
 from stn_triton.ops import warp as _warp_op
 
@@ -345,3 +349,148 @@ def ms_deform_attn(
                                        out_dtype)
     return _without_autocast(device_type, _attention_op.ms_deform_attn, value, spatial_shapes, level_start_index,
                              sampling_locations, attention_weights, points, softmax, out_dtype)
+
+
+def boxes_to_rois(boxes: Union[torch.Tensor, List[torch.Tensor]]) -> torch.Tensor:
+    """torchvision's boxes as RoIs ``[K, 5]``: a tensor as it is, a list of ``[L_i, 4]`` tensors (one
+    per image) concatenated behind a column of image indices in the boxes' dtype. Scriptable."""
+    if isinstance(boxes, torch.Tensor):
+        return boxes
+    ids = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]
+    return torch.cat([torch.cat(ids, dim=0), torch.cat(boxes, dim=0)], dim=1)
+
+
+def _roi_pool(input, rois, offset, mask, kind: int, output_size, spatial_scale, sampling_ratio, aligned, gamma):
+    """Dispatch a validated RoI pooling call: the input's dtype out, computed in float32 (float64 for
+    float64) whatever autocast says, which is torchvision's autocast rule."""
+    size = validation.int_pair("output_size", output_size)
+    if backend(input) == TORCH:
+        return fallback.roi_pool(input, rois, offset, mask, kind, size, spatial_scale, sampling_ratio, aligned, gamma)
+    return _without_autocast(input.device.type, _roi_op.roi_pool, input, rois, offset, mask, kind, size,
+                             spatial_scale, sampling_ratio, aligned, gamma, input.dtype)
+
+
+def roi_align(
+    input: torch.Tensor,
+    boxes,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> torch.Tensor:
+    """RoI align (Mask R-CNN); equals ``torchvision.ops.roi_align`` in every argument.
+
+    input ``[N, C, H, W]``; boxes a tensor ``[K, 5]`` (image index, x1, y1, x2, y2) or a list of
+    ``[L_i, 4]`` tensors, one per image, in box units (``spatial_scale`` maps them to input
+    pixels). Bin (ph, pw) of ``output_size`` (an int or (PH, PW)) averages a grid of bilinear
+    samples, ``sampling_ratio`` a side (<= 0: ``ceil(RoI side / output side)``). ``aligned=False``
+    is the legacy rule (no half-pixel shift, RoIs at least 1 x 1), True Detectron2's. Returns
+    ``[K, C, PH, PW]`` in input's dtype and layout (channels_last kept), computed in float32
+    (float64 for float64), inside autocast too (torchvision's rule). Gradients for input
+    (deterministic under ``torch.use_deterministic_algorithms(True)``, in no more memory than
+    grad_input); the boxes get none, as in torchvision.
+    """
+    _raise(validation.roi_align_problem(input, boxes, output_size, spatial_scale, sampling_ratio, aligned))
+    return _roi_pool(input, boxes_to_rois(boxes), None, None, codes.ROI_ALIGN, output_size, spatial_scale,
+                     sampling_ratio, aligned, 0.0)
+
+
+def ps_roi_align(
+    input: torch.Tensor,
+    boxes,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+) -> torch.Tensor:
+    """Position-sensitive RoI align (R-FCN); equals ``torchvision.ops.ps_roi_align``.
+
+    As ``roi_align`` with ``aligned=True``, except that output channel c of bin b reads input
+    channel ``c * PH * PW + b``: input ``[N, C_out * PH * PW, H, W]`` -> ``[K, C_out, PH, PW]``. A
+    bin without samples (an empty RoI under adaptive sampling) is 0 / 0, as in torchvision.
+    """
+    _raise(validation.ps_roi_align_problem(input, boxes, output_size, spatial_scale, sampling_ratio))
+    return _roi_pool(input, boxes_to_rois(boxes), None, None, codes.PS_ROI_ALIGN, output_size, spatial_scale,
+                     sampling_ratio, True, 0.0)
+
+
+def deform_roi_pool(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    offset: torch.Tensor | None,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    gamma: float = 0.1,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Deformable RoI pooling (Deformable ConvNets v1; v2 with ``mask``); equals mmcv's ``deform_roi_pool``
+    (and ``ModulatedDeformRoIPoolPack``'s ``deform_roi_pool(...) * mask``).
+
+    RoI align with the half-pixel shift (``aligned=True``) in which bin (ph, pw) of RoI k starts
+    shifted by ``gamma * (width, height) * offset[k, :, ph, pw]`` (offset ``[K, 2, PH, PW]``, x
+    first; None: no shift) and is multiplied by ``mask[k, 0, ph, pw]`` (mask ``[K, 1, PH, PW]``).
+    rois ``[K, 5]`` as roi_align's. Gradients for input, offset and mask.
+    """
+    _raise(validation.deform_roi_pool_problem(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
+                                              mask))
+    return _roi_pool(input, rois, offset, mask, codes.DEFORM_ROI_POOL, output_size, spatial_scale, sampling_ratio,
+                     True, gamma)
+
+
+def fpn_levels(boxes, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4,
+               eps: float = 1e-6) -> torch.Tensor:
+    """The FPN paper's level of each box (its equation 1), as torchvision's LevelMapper computes it:
+    ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)`` clamped to [k_min, k_max],
+    less k_min. boxes: a list of [L_i, 4] tensors -> [sum L_i] int64, on the boxes' device (no sync)."""
+    concatenated = torch.cat(list(boxes), dim=0)
+    if not concatenated.is_floating_point() or concatenated.dtype in (torch.float16, torch.bfloat16):
+        concatenated = concatenated.float()
+    area = (concatenated[:, 2] - concatenated[:, 0]) * (concatenated[:, 3] - concatenated[:, 1])
+    s = torch.sqrt(area)
+    levels = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype))
+    return (torch.clamp(levels, min=k_min, max=k_max).to(torch.int64) - k_min).to(torch.int64)
+
+
+def multi_scale_roi_align(
+    features,
+    boxes,
+    output_size,
+    sampling_ratio: int,
+    scales,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+    aligned: bool = False,
+) -> torch.Tensor:
+    """torchvision's MultiScaleRoIAlign pooling: each box pooled from the FPN level its size maps to.
+
+    features: the feature maps ``[N, C, H_l, W_l]``, finest first, scales their ``spatial_scale``
+    (powers of two, as ``MultiScaleRoIAlign`` infers them); boxes a list of ``[L_i, 4]`` tensors in
+    image pixels, one per image. Each box's level is torchvision's (``fpn_levels`` between the
+    first and last scale's levels) and the box is pooled as ``roi_align(features[level], ...,
+    spatial_scale=scales[level], sampling_ratio, aligned)`` would pool it; returns ``[sum L_i, C, PH,
+    PW]`` in the first map's dtype. Unlike torchvision's, no index of a level's boxes is computed:
+    one launch a level pools its boxes into the one output, with no host sync.
+    """
+    _raise(validation.multi_scale_roi_align_problem(features, boxes, output_size, sampling_ratio, scales))
+    rois = boxes_to_rois(boxes)
+    size = validation.int_pair("output_size", output_size)
+    if len(features) == 1:
+        return _roi_pool(features[0], rois, None, None, codes.ROI_ALIGN, size, scales[0], sampling_ratio, aligned,
+                         0.0)
+    k_min = int(-math.log2(scales[0]))
+    k_max = int(-math.log2(scales[-1]))
+    levels = fpn_levels(boxes, k_min, k_max, canonical_scale, canonical_level)
+    return _multi_scale(list(features), rois, levels, size, scales, sampling_ratio, aligned)
+
+
+def _multi_scale(features: list, rois, levels, size, scales, sampling_ratio, aligned) -> torch.Tensor:
+    """Dispatch validated multi-level pooling (levels [K] in [0, len(features)))."""
+    first = features[0]
+    if backend(first) == TORCH:
+        out = first.new_zeros((rois.shape[0], first.shape[1], *size))
+        for level, (x, scale) in enumerate(zip(features, scales)):
+            pooled = fallback.roi_pool(x, rois, None, None, codes.ROI_ALIGN, size, scale, sampling_ratio, aligned, 0.0)
+            out = torch.where((levels == level)[:, None, None, None], pooled.to(out.dtype), out)
+        return out
+    return _without_autocast(first.device.type, _roi_op.multi_scale_roi_align, features, rois, levels, size,
+                             list(scales), sampling_ratio, aligned, first.dtype)

@@ -1,10 +1,10 @@
-"""nn.Modules built on the fused ops: the spatial transformer, deformable convolutions and multi-scale
-deformable attention."""
+"""nn.Modules built on the fused ops: the spatial transformer, deformable convolutions, multi-scale
+deformable attention and RoI pooling."""
 
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -415,3 +415,197 @@ class MSDeformAttn(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, n_points={self.n_points}"
+
+
+def _output_size(value) -> tuple[int, int]:
+    size = _pair(value)
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        raise ValueError(f"output_size must be a positive int or a pair of them, got {value!r}")
+    return tuple(size)
+
+
+class RoIAlign(nn.Module):
+    """``roi_align`` with its options; a drop-in for ``torchvision.ops.RoIAlign`` (same constructor,
+    attributes and repr). ``forward(input [N, C, H, W], rois [K, 5] or a list of [L_i, 4])`` ->
+    ``[K, C, PH, PW]``."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False):
+        super().__init__()
+        _output_size(output_size)
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def forward(self, input: torch.Tensor, rois: Union[torch.Tensor, List[torch.Tensor]]) -> torch.Tensor:
+        return functional.roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio,
+                                    self.aligned)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})")
+
+
+class PSRoIAlign(nn.Module):
+    """``ps_roi_align`` with its options; a drop-in for ``torchvision.ops.PSRoIAlign``."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int):
+        super().__init__()
+        _output_size(output_size)
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+
+    def forward(self, input: torch.Tensor, rois: Union[torch.Tensor, List[torch.Tensor]]) -> torch.Tensor:
+        return functional.ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio})")
+
+
+def _infer_scale(feature: torch.Tensor, original_size: List[int]) -> float:
+    """torchvision's: the power of two nearest to the feature map's height over the image's."""
+    approx_scale = float(feature.shape[-2]) / float(original_size[0])
+    return 2 ** float(torch.tensor(approx_scale).log2().round())
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """torchvision's ``MultiScaleRoIAlign`` (Faster / Mask / Keypoint R-CNN's box and mask poolers):
+    same constructor, attributes (``featmap_names``, ``output_size``, ``sampling_ratio``,
+    ``scales``, ``canonical_scale``, ``canonical_level``) and forward, with every level pooled by one
+    launch into one output (``stn_triton.multi_scale_roi_align``: no index of a level's boxes, no
+    host sync). It can take the place of torchvision's in a built model
+    (``model.roi_heads.box_roi_pool = stn_triton.MultiScaleRoIAlign(...)``); ``aligned`` (keyword,
+    default False as torchvision's) selects Detectron2's half-pixel rule.
+
+    ``forward(x: {name: [N, C, H_l, W_l]}, boxes: list of [L_i, 4] in image pixels, image_shapes:
+    list of (H, W))`` -> ``[sum L_i, C, PH, PW]``; the scales are inferred from the first call's
+    shapes, as torchvision infers them.
+    """
+
+    __annotations__ = {"scales": Optional[List[float]]}
+
+    def __init__(self, featmap_names: List[str], output_size, sampling_ratio: int, *, canonical_scale: int = 224,
+                 canonical_level: int = 4, aligned: bool = False):
+        super().__init__()
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.featmap_names = featmap_names
+        self.sampling_ratio = sampling_ratio
+        self.output_size = tuple(_output_size(output_size))
+        self.scales: Optional[List[float]] = None
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+        self.aligned = aligned
+
+    def _setup_scales(self, features: List[torch.Tensor], image_shapes: List[Tuple[int, int]]) -> List[float]:
+        if len(image_shapes) == 0:
+            raise ValueError("images list should not be empty")
+        max_x = 0
+        max_y = 0
+        for shape in image_shapes:
+            max_x = max(shape[0], max_x)
+            max_y = max(shape[1], max_y)
+        return [_infer_scale(feat, [max_x, max_y]) for feat in features]
+
+    def forward(self, x: Dict[str, torch.Tensor], boxes: List[torch.Tensor],
+                image_shapes: List[Tuple[int, int]]) -> torch.Tensor:
+        features: List[torch.Tensor] = []
+        for name, feature in x.items():
+            if name in self.featmap_names:
+                features.append(feature)
+        scales = self.scales
+        if scales is None:
+            scales = self._setup_scales(features, image_shapes)
+            self.scales = scales
+        return functional.multi_scale_roi_align(features, boxes, self.output_size, self.sampling_ratio, scales,
+                                                self.canonical_scale, self.canonical_level, self.aligned)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, output_size={self.output_size}, "
+                f"sampling_ratio={self.sampling_ratio})")
+
+
+class DeformRoIPool(nn.Module):
+    """mmcv's ``DeformRoIPool``: ``forward(input [N, C, H, W], rois [K, 5], offset=None [K, 2, PH, PW])``
+    -> ``[K, C, PH, PW]`` (``stn_triton.deform_roi_pool``)."""
+
+    def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1):
+        super().__init__()
+        self.output_size = _output_size(output_size)
+        self.spatial_scale = float(spatial_scale)
+        self.sampling_ratio = int(sampling_ratio)
+        self.gamma = float(gamma)
+
+    def forward(self, input: torch.Tensor, rois: torch.Tensor, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return functional.deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale,
+                                          self.sampling_ratio, self.gamma)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}")
+
+
+def _head(in_features: int, hidden: int, out_features: int, layers: int) -> nn.Sequential:
+    """mmcv's fully connected offset / mask head, ``layers`` Linear layers with ReLU between, the last
+    one zero (so the head starts at 0)."""
+    modules: List[nn.Module] = [nn.Linear(in_features, hidden), nn.ReLU(inplace=True)]
+    if layers == 3:
+        modules += [nn.Linear(hidden, hidden), nn.ReLU(inplace=True)]
+    modules.append(nn.Linear(hidden, out_features))
+    nn.init.zeros_(modules[-1].weight)
+    nn.init.zeros_(modules[-1].bias)
+    return nn.Sequential(*modules)
+
+
+class DeformRoIPoolPack(DeformRoIPool):
+    """mmcv's ``DeformRoIPoolPack``: RoI align, a three-layer head ``offset_fc`` predicting each bin's
+    offset from it (last layer zero: the pack starts as plain RoI align), then deformable RoI
+    pooling at those offsets. Same parameters and ``state_dict`` keys as mmcv's, so its checkpoints
+    load. ``forward(input [N, output_channels, H, W], rois [K, 5])`` -> ``[K, output_channels, PH, PW]``."""
+
+    def __init__(self, output_size, output_channels: int, deform_fc_channels: int = 1024,
+                 spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1):
+        super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
+        self.output_channels = output_channels
+        self.deform_fc_channels = deform_fc_channels
+        bins = self.output_size[0] * self.output_size[1]
+        self.offset_fc = _head(bins * output_channels, deform_fc_channels, bins * 2, 3)
+
+    def _plain(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """The RoI align the heads read."""
+        if input.shape[1] != self.output_channels:
+            raise ValueError(f"input must have output_channels = {self.output_channels} channels, got input of shape "
+                             f"{list(input.shape)}")
+        return functional.deform_roi_pool(input, rois, None, self.output_size, self.spatial_scale, self.sampling_ratio,
+                                          self.gamma)
+
+    def _offset(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.offset_fc(pooled.flatten(1)).view(pooled.shape[0], 2, self.output_size[0], self.output_size[1])
+
+    def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        pooled = self._plain(input, rois)
+        return functional.deform_roi_pool(input, rois, self._offset(pooled), self.output_size, self.spatial_scale,
+                                          self.sampling_ratio, self.gamma)
+
+
+class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
+    """mmcv's ``ModulatedDeformRoIPoolPack`` (Deformable ConvNets v2): ``DeformRoIPoolPack`` plus a
+    two-layer head ``mask_fc`` whose sigmoid modulates each bin, applied inside the pooling kernel.
+    Same parameters, ``state_dict`` keys and initialisation as mmcv's: the offset head starts at
+    zero and the mask head's last layer too, so the pack starts as RoI align times sigmoid(0) = 0.5,
+    exactly as mmcv's does."""
+
+    def __init__(self, output_size, output_channels: int, deform_fc_channels: int = 1024,
+                 spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1):
+        super().__init__(output_size, output_channels, deform_fc_channels, spatial_scale, sampling_ratio, gamma)
+        bins = self.output_size[0] * self.output_size[1]
+        self.mask_fc = _head(bins * output_channels, deform_fc_channels, bins, 2)
+        self.mask_fc.append(nn.Sigmoid())
+
+    def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        pooled = self._plain(input, rois)
+        mask = self.mask_fc(pooled.flatten(1)).view(pooled.shape[0], 1, self.output_size[0], self.output_size[1])
+        return functional.deform_roi_pool(input, rois, self._offset(pooled), self.output_size, self.spatial_scale,
+                                          self.sampling_ratio, self.gamma, mask)

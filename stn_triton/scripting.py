@@ -10,9 +10,10 @@ function, or of a module whose ``forward`` calls one, compiles the twin: the scr
 the registered op, which runs the same Python as an eager call.
 """
 
-from typing import Optional
+from typing import List, Optional, Union
 
 import torch
+from torch.jit.annotations import BroadcastingList2
 
 from stn_triton import functional
 
@@ -37,6 +38,15 @@ _SCHEMAS = {
     "ms_deform_attn": ("ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor? level_start_index, "
                        "Tensor sampling_locations, Tensor attention_weights, int im2col_step=64, "
                        "int[]? points_per_level=None, bool softmax=False) -> Tensor"),
+    "roi_align": ("roi_align(Tensor input, Tensor boxes, int[2] output_size, float spatial_scale=1.0, "
+                  "int sampling_ratio=-1, bool aligned=False) -> Tensor"),
+    "ps_roi_align": ("ps_roi_align(Tensor input, Tensor boxes, int[2] output_size, float spatial_scale=1.0, "
+                     "int sampling_ratio=-1) -> Tensor"),
+    "deform_roi_pool": ("deform_roi_pool(Tensor input, Tensor rois, Tensor? offset, int[2] output_size, "
+                        "float spatial_scale=1.0, int sampling_ratio=0, float gamma=0.1, Tensor? mask=None) -> Tensor"),
+    "multi_scale_roi_align": ("multi_scale_roi_align(Tensor[] features, Tensor[] boxes, int[2] output_size, "
+                              "int sampling_ratio, float[] scales, int canonical_scale=224, int canonical_level=4, "
+                              "bool aligned=False) -> Tensor"),
 }
 for _name, _schema in _SCHEMAS.items():
     _LIBRARY.define(_schema)
@@ -101,6 +111,33 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
                    points_per_level: Optional[list[int]] = None, softmax: bool = False) -> torch.Tensor:
     return torch.ops.stn_triton.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                                attention_weights, im2col_step, points_per_level, softmax)
+
+
+def roi_align(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor]], output_size: BroadcastingList2[int],
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:
+    return torch.ops.stn_triton.roi_align(input, functional.boxes_to_rois(boxes), output_size, spatial_scale,
+                                          sampling_ratio, aligned)
+
+
+def ps_roi_align(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor]],
+                 output_size: BroadcastingList2[int], spatial_scale: float = 1.0,
+                 sampling_ratio: int = -1) -> torch.Tensor:
+    return torch.ops.stn_triton.ps_roi_align(input, functional.boxes_to_rois(boxes), output_size, spatial_scale,
+                                             sampling_ratio)
+
+
+def deform_roi_pool(input: torch.Tensor, rois: torch.Tensor, offset: Optional[torch.Tensor],
+                    output_size: BroadcastingList2[int], spatial_scale: float = 1.0, sampling_ratio: int = 0,
+                    gamma: float = 0.1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return torch.ops.stn_triton.deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
+                                                mask)
+
+
+def multi_scale_roi_align(features: List[torch.Tensor], boxes: List[torch.Tensor], output_size: BroadcastingList2[int],
+                          sampling_ratio: int, scales: List[float], canonical_scale: int = 224,
+                          canonical_level: int = 4, aligned: bool = False) -> torch.Tensor:
+    return torch.ops.stn_triton.multi_scale_roi_align(features, boxes, output_size, sampling_ratio, scales,
+                                                      canonical_scale, canonical_level, aligned)
 
 
 def _scripted_twin(name: str):

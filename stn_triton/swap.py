@@ -111,6 +111,34 @@ def _routes_deform_conv2d(input, offset, weight, bias, stride, padding, dilation
     return input.dtype in _DEFORM_CONV_DTYPES and all(t.dtype == input.dtype for t in tensors)
 
 
+def _torchvision_roi_dtypes(input, boxes) -> bool:
+    """The dtypes for which torchvision's RoI ops return what stn_triton's do. Inside autocast for
+    input's device (torchvision registers CPU, CUDA and XPU autocast kernels) it casts input and boxes
+    to float32 unless they are float64 and returns input's dtype, as stn_triton computes; a float64
+    on one side only then fails there. Elsewhere its kernels take float, double and half of one dtype."""
+    dtypes = {b.dtype for b in (boxes if isinstance(boxes, (list, tuple)) else [boxes])}
+    if torch.is_autocast_enabled(input.device.type):
+        return all((d == torch.float64) == (input.dtype == torch.float64) for d in dtypes)
+    return input.dtype in _DEFORM_CONV_DTYPES and dtypes <= {input.dtype}
+
+
+def _routes_roi(input, boxes, problem) -> bool:
+    """stn_triton's RoI op returns what torchvision's would: ``problem`` is stn_triton's validation of
+    the call (None: valid), computed only when the rest holds."""
+    box_list = boxes if isinstance(boxes, (list, tuple)) else [boxes]
+    return (
+        not torch.jit.is_tracing()
+        and isinstance(input, torch.Tensor)
+        and all(isinstance(b, torch.Tensor) for b in box_list)
+        and not has_torch_function((input, *box_list))
+        and not input.is_quantized
+        and problem() is None
+        and backend(input) != TORCH
+        and _untransformed()
+        and _torchvision_roi_dtypes(input, boxes)
+    )
+
+
 def _int_pair(value) -> tuple[int, int] | None:
     """``value`` as torchvision's ``_pair`` reads it (an int, or two), or None for anything else."""
     if type(value) is int:
@@ -162,6 +190,56 @@ def _deform_conv2d_route(original: Callable) -> Callable:
         return original(input, offset, weight, bias, stride, padding, dilation, mask, *args, **kwargs)
 
     return _scripts_as(original, deform_conv2d)
+
+
+def _roi_align_route(original: Callable) -> Callable:
+    """torchvision's ``roi_align`` (and so ``RoIAlign``, the poolers and the mask targets of its
+    detection models); under deterministic algorithms a routed CUDA call runs stn_triton's
+    deterministic backward where torchvision samples every RoI densely."""
+
+    def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, *args, **kwargs):
+        if not args and not kwargs and _routes_roi(input, boxes, lambda: validation.roi_align_problem(
+                input, boxes, output_size, spatial_scale, sampling_ratio, aligned)):
+            return functional.roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+        return original(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, *args, **kwargs)
+
+    return _scripts_as(original, roi_align)
+
+
+def _ps_roi_align_route(original: Callable) -> Callable:
+    def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, *args, **kwargs):
+        if not args and not kwargs and _routes_roi(input, boxes, lambda: validation.ps_roi_align_problem(
+                input, boxes, output_size, spatial_scale, sampling_ratio)):
+            return functional.ps_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio)
+        return original(input, boxes, output_size, spatial_scale, sampling_ratio, *args, **kwargs)
+
+    return _scripts_as(original, ps_roi_align)
+
+
+def _multiscale_roi_align_route(original: Callable) -> Callable:
+    """torchvision's ``poolers._multiscale_roi_align`` (``MultiScaleRoIAlign.forward``): the boxes'
+    levels from torchvision's own mapper, then every level pooled into one output by one launch
+    each, with no index of a level's boxes (torchvision's ``torch.where`` waits for the device)."""
+
+    def multiscale_roi_align(x_filtered, boxes, output_size, sampling_ratio, scales, mapper, *args, **kwargs):
+        if (not args and not kwargs and scales is not None and mapper is not None and len(x_filtered) > 0
+                and not _tracing_for_onnx()
+                and all(isinstance(f, torch.Tensor) and f.dtype == x_filtered[0].dtype for f in x_filtered)
+                and _routes_roi(x_filtered[0], boxes, lambda: validation.multi_scale_roi_align_problem(
+                    x_filtered, boxes, output_size, sampling_ratio, scales))):
+            if len(x_filtered) == 1:
+                return functional.roi_align(x_filtered[0], boxes, output_size, scales[0], sampling_ratio)
+            return functional._multi_scale(list(x_filtered), functional.boxes_to_rois(boxes), mapper(boxes),
+                                           validation.int_pair("output_size", output_size), list(scales),
+                                           sampling_ratio, False)
+        return original(x_filtered, boxes, output_size, sampling_ratio, scales, mapper, *args, **kwargs)
+
+    return _scripts_as(original, multiscale_roi_align)
+
+
+def _tracing_for_onnx() -> bool:
+    """torchvision's ``_is_tracing``: its pooler then merges levels for ONNX export."""
+    return torch._C._get_tracing_state() is not None
 
 
 def _routes_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights, points_per_level,
@@ -273,6 +351,15 @@ def _library_targets() -> list[tuple[object, str, Callable[[Callable], Callable]
         ops = importlib.import_module("torchvision.ops")
         # DeformConv2d.forward calls its module's deform_conv2d when it runs: swapping that name routes it.
         targets += [(ops, "deform_conv2d", _deform_conv2d_route), (deform_conv, "deform_conv2d", _deform_conv2d_route)]
+    if _optional_module("torchvision.ops.roi_align") is not None:
+        # Every name the RoI ops are called through: the package's, their modules' (the modules' own
+        # classes call those), the poolers' and the detection heads' imports.
+        owners = [importlib.import_module(name) for name in (
+            "torchvision.ops", "torchvision.ops.roi_align", "torchvision.ops.ps_roi_align", "torchvision.ops.poolers",
+            "torchvision.models.detection.roi_heads")]
+        for name, route in (("roi_align", _roi_align_route), ("ps_roi_align", _ps_roi_align_route),
+                            ("_multiscale_roi_align", _multiscale_roi_align_route)):
+            targets += [(owner, name, route) for owner in owners if callable(getattr(owner, name, None))]
     if importlib.util.find_spec("transformers") is not None:
         for model in _TRANSFORMERS_CLASSES:
             module = _optional_module(f"transformers.models.{model}.modeling_{model}")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from stn_triton.conv_shape import DeformConvShape
-from stn_triton.errors import ArgumentError, ArgumentTypeError, UnsupportedArgumentError
+from stn_triton.errors import ArgumentError, ArgumentTypeError, AssertedArgumentError, UnsupportedArgumentError
 from stn_triton.numerics import FLOAT_DTYPES
 
 MODES = ("bilinear", "nearest", "bicubic")
@@ -377,4 +377,127 @@ def ms_deform_attn_problem(value, spatial_shapes, level_start_index, sampling_lo
         if level_start_index.tolist() != starts:
             return ArgumentError(f"level_start_index must be the running sum of H * W of spatial_shapes, {starts}, "
                                  f"got {level_start_index.tolist()}")
+    return None
+
+
+# --- RoI pooling --------------------------------------------------------------------------------
+
+
+def _number_problem(name: str, value) -> Problem:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ArgumentTypeError(f"{name} must be a number, got {value!r}")
+    return None
+
+
+def _boxes_problem(boxes, input: torch.Tensor) -> Problem:
+    """torchvision's boxes: a tensor [K, 5] (batch index, x1, y1, x2, y2) or a list of [L, 4] tensors,
+    one per image, on input's device and, outside autocast, in its dtype."""
+    if isinstance(boxes, torch.Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            return AssertedArgumentError(f"boxes must be a Tensor[K, 5] (batch index, x1, y1, x2, y2), got shape "
+                                         f"{tuple(boxes.shape)}")
+        tensors = [("boxes", boxes)]
+    elif isinstance(boxes, (list, tuple)):
+        if not all(isinstance(b, torch.Tensor) and b.dim() == 2 and b.shape[1] == 4 for b in boxes):
+            return AssertedArgumentError("boxes must be a Tensor[K, 5] or a list of Tensor[L, 4] (x1, y1, x2, y2), one "
+                                         f"per image, got {[tuple(b.shape) if isinstance(b, torch.Tensor) else b for b in boxes]}")
+        if len(boxes) == 0:
+            return ArgumentError("boxes must hold one tensor per image, got an empty list")
+        tensors = [(f"boxes[{i}]", b) for i, b in enumerate(boxes)]
+    else:
+        return AssertedArgumentError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
+    for name, b in tensors:
+        if b.dtype not in FLOAT_DTYPES:
+            return ArgumentTypeError(f"{name} must have a floating-point dtype, got {b.dtype}")
+        if b.dtype != input.dtype and not _autocasting(input):
+            return ArgumentTypeError(f"{name} must have input's dtype {input.dtype} (torchvision's rule), got {b.dtype}")
+        if b.device != input.device:
+            return ArgumentTypeError(f"{name} must be on input's device {input.device}, got {b.device}")
+    return None
+
+
+def _pool_options_problem(output_size, spatial_scale, sampling_ratio) -> Problem:
+    try:
+        size = int_pair("output_size", output_size)
+    except ArgumentTypeError as problem:
+        return problem
+    if min(size) < 1:
+        return ArgumentError(f"output_size must be positive, got {output_size!r}")
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
+        return ArgumentTypeError(f"sampling_ratio must be an int (<= 0: adaptive), got {sampling_ratio!r}")
+    return _number_problem("spatial_scale", spatial_scale)
+
+
+def roi_align_problem(input, boxes, output_size, spatial_scale, sampling_ratio, aligned) -> Problem:
+    """torchvision's roi_align arguments (inside autocast the boxes may have another floating dtype)."""
+    problem = tensor_problem("input", input, (4,)) or _boxes_problem(boxes, input)
+    if problem is not None:
+        return problem
+    problem = _pool_options_problem(output_size, spatial_scale, sampling_ratio)
+    if problem is not None:
+        return problem
+    if not isinstance(aligned, bool):
+        return ArgumentTypeError(f"aligned must be a bool, got {aligned!r}")
+    return None
+
+
+def ps_roi_align_problem(input, boxes, output_size, spatial_scale, sampling_ratio) -> Problem:
+    """torchvision's ps_roi_align arguments: roi_align's, with input channels a multiple of the bins."""
+    problem = roi_align_problem(input, boxes, output_size, spatial_scale, sampling_ratio, True)
+    if problem is not None:
+        return problem
+    ph, pw = int_pair("output_size", output_size)
+    if input.shape[1] % (ph * pw) != 0:
+        return ArgumentError(f"input channels must be a multiple of pooling height * pooling width ({ph} * {pw}), got "
+                             f"input of shape {tuple(input.shape)}")
+    return None
+
+
+def deform_roi_pool_problem(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask) -> Problem:
+    """mmcv's deform_roi_pool arguments, and the modulation mask of its ModulatedDeformRoIPoolPack."""
+    problem = tensor_problem("input", input, (4,))
+    if problem is not None:
+        return problem
+    if not isinstance(rois, torch.Tensor):
+        return AssertedArgumentError(f"rois must be a Tensor[K, 5] (batch index, x1, y1, x2, y2), got "
+                                     f"{type(rois).__name__}")
+    problem = (_boxes_problem(rois, input) or _pool_options_problem(output_size, spatial_scale, sampling_ratio)
+               or _number_problem("gamma", gamma))
+    if problem is not None:
+        return problem
+    ph, pw = int_pair("output_size", output_size)
+    any_dtype = _autocasting(input)
+    for name, value, channels in (("offset", offset, 2), ("mask", mask, 1)):
+        if value is not None:
+            problem = like_input_problem(name, value, input, (rois.shape[0], channels, ph, pw), any_dtype)
+            if problem is not None:
+                return problem
+    return None
+
+
+def multi_scale_roi_align_problem(features, boxes, output_size, sampling_ratio, scales) -> Problem:
+    """torchvision's MultiScaleRoIAlign pooling: feature maps [N, C, H_l, W_l] (one batch, channel
+    count and device; inside autocast their dtypes may differ, as autocast makes them), boxes a list
+    of [L_i, 4] tensors, one positive scale per map."""
+    if not isinstance(features, (list, tuple)) or len(features) == 0:
+        return ArgumentError(f"features must be a non-empty list of feature maps, got {features!r}")
+    for i, f in enumerate(features):
+        problem = tensor_problem(f"features[{i}]", f, (4,))
+        if problem is not None:
+            return problem
+        first = features[0]
+        if f.shape[:2] != first.shape[:2] or f.device != first.device:
+            return ArgumentError(f"features must share batch size, channels and device, got features[0] of shape "
+                                 f"{tuple(first.shape)} on {first.device} and features[{i}] of shape {tuple(f.shape)} "
+                                 f"on {f.device}")
+        if f.dtype != first.dtype and not _autocasting(first):
+            return ArgumentTypeError(f"features must share a dtype, got {first.dtype} and {f.dtype}")
+    if not isinstance(boxes, (list, tuple)):
+        return AssertedArgumentError(f"boxes must be a list of Tensor[L, 4], one per image, got {type(boxes).__name__}")
+    problem = _boxes_problem(boxes, features[0]) or _pool_options_problem(output_size, 1.0, sampling_ratio)
+    if problem is not None:
+        return problem
+    if (not isinstance(scales, (list, tuple)) or len(scales) != len(features)
+            or any(_number_problem("scales", s) is not None or s <= 0 for s in scales)):
+        return ArgumentError(f"scales must hold one positive number per feature map ({len(features)}), got {scales!r}")
     return None

@@ -31,6 +31,8 @@ def _cases():
     weight = randn((4, 5, 3, 3), gen, torch.float64, CUDA)
     mask = rand((2, 9, 12, 13), gen, 0.0, 1.0, torch.float64, CUDA)
     levels = torch.tensor([[4, 6], [2, 3]], device=CUDA)
+    rois = torch.tensor([[0, 1.0, 2.0, 20.0, 14.0], [0, -3.0, 5.0, 9.0, 30.0], [0, 4.0, 4.0, 4.5, 4.2],
+                         [1, 10.0, 0.0, 26.0, 25.0], [1, 2.0, 3.0, 7.0, 5.0]], dtype=torch.float64, device=CUDA)
     return {
         "grid_sample": (lambda a, g: stn_triton.grid_sample(a, g, mode="bicubic", padding_mode="border"), (x, grid)),
         "grid_sample-3d": (stn_triton.grid_sample, (x3, rand((2, 4, 5, 6, 3), gen, -1.1, 1.1, torch.float64, CUDA))),
@@ -47,13 +49,21 @@ def _cases():
         "ms_deform_attn": (lambda v, loc, a: stn_triton.ms_deform_attn(v, levels, None, loc, a, softmax=True),
                            (randn((2, 30, 2, 8), gen, torch.float64, CUDA), rand((2, 7, 2, 2, 3, 2), gen, 0, 1, torch.float64, CUDA),
                             randn((2, 7, 2, 2, 3), gen, torch.float64, CUDA))),
+        "roi_align": (lambda a: stn_triton.roi_align(a, [rois[:3, 1:], rois[3:, 1:]], (3, 2), 0.5, -1), (x,)),
+        "ps_roi_align": (lambda a: stn_triton.ps_roi_align(a, rois, (2, 2), 0.5, 2),
+                         (randn((2, 8, 12, 13), gen, torch.float64, CUDA),)),
+        "deform_roi_pool": (lambda a, o, m: stn_triton.deform_roi_pool(a, rois, o, (2, 3), 0.5, 2, 0.1, m),
+                            (x, randn((5, 2, 2, 3), gen, torch.float64, CUDA), rand((5, 1, 2, 3), gen, 0, 1,
+                                                                                   torch.float64, CUDA))),
+        "multi_scale_roi_align": (lambda a, b: stn_triton.multi_scale_roi_align(
+            [a, b], [rois[:3, 1:] * 8, rois[3:, 1:] * 8], (2, 2), 2, [0.25, 0.125]), (x, x[:, :, ::2, ::2])),
     }
 
 
 # The names of _cases(), whose tensors are built per test, on the GPU.
 IDS = ["grid_sample", "grid_sample-3d", "affine_grid", "affine_grid_sample", "affine_grid_sample-3d",
        "perspective_grid_sample", "tps_grid_sample", "warp_affine", "warp_perspective", "deform_conv2d",
-       "ms_deform_attn"]
+       "ms_deform_attn", "roi_align", "ps_roi_align", "deform_roi_pool", "multi_scale_roi_align"]
 
 
 def _run(fn, tensors):
@@ -152,3 +162,31 @@ def test_opcheck_ms_deform_attn_ops():
         for deterministic in (False, True):
             torch.library.opcheck(ops.attention_backward_op, (grad, value.detach(), *levels, loc.detach(), attn.detach(),
                                                               softmax, torch.float32, True, True, True, deterministic))
+
+
+def test_opcheck_roi_pool_ops():
+    from stn_triton.kernels import codes
+    from stn_triton.ops import roi as ops
+
+    gen = generator(25)
+    x = randn((2, 8, 9, 10), gen, torch.float32, CUDA).requires_grad_()
+    coarse = randn((2, 8, 5, 5), gen, torch.float32, CUDA).requires_grad_()
+    rois = torch.tensor([[0, 1.0, 2.0, 8.0, 7.0], [1, -2.0, 0.5, 4.0, 9.0], [1, 3.0, 3.0, 3.5, 3.2]], device=CUDA)
+    levels = torch.tensor([0, 1, 0], device=CUDA)
+    offset = randn((3, 2, 2, 2), gen, torch.float32, CUDA).requires_grad_()
+    mask = rand((3, 1, 2, 2), gen, 0.0, 1.0, torch.float32, CUDA).requires_grad_()
+    cases = [(codes.ROI_ALIGN, None, None, None, [x], [1.0], -1, False),
+             (codes.PS_ROI_ALIGN, None, None, None, [x], [0.5], 2, True),
+             (codes.DEFORM_ROI_POOL, None, offset, mask, [x], [1.0], 0, True),
+             (codes.ROI_ALIGN, levels, None, None, [x, coarse], [1.0, 0.5], 2, True)]
+    for kind, lv, off, m, features, scales, sr, aligned in cases:
+        slots = [*features, *[None] * (ops.MAX_LEVELS - len(features))]
+        spec = (kind, 2, 2, scales, sr, aligned, 0.1, torch.float32)
+        torch.library.opcheck(ops.roi_op, (rois, lv, off, m, *slots, *spec))
+        out = ops.roi_op(rois, lv, off, m, *slots, *spec)
+        grad = torch.randn_like(out).requires_grad_()
+        detached = [f if f is None else f.detach() for f in slots]
+        for deterministic in (False, True):
+            torch.library.opcheck(ops.roi_backward_op, (grad, rois, lv, off if off is None else off.detach(),
+                                                        m if m is None else m.detach(), *detached, *spec, True,
+                                                        off is not None, m is not None, deterministic))

@@ -60,6 +60,9 @@ def _analyse() -> list[dict]:
     value = torch.randn(2, 26, 2, 8, generator=g, requires_grad=True)
     locations = torch.rand(2, 7, 2, 2, 2, 2, generator=g, requires_grad=True)
     weights = torch.rand(2, 7, 2, 2, 2, generator=g, requires_grad=True)
+    rois = torch.tensor([[0, 1.0, 2.0, 12.0, 10.0], [1, -2.0, 0.5, 6.0, 14.0], [1, 3.0, 3.0, 3.5, 3.2]])
+    roi_offset = torch.randn(3, 2, 2, 2, generator=g, requires_grad=True)
+    roi_mask = torch.rand(3, 1, 2, 2, generator=g, requires_grad=True)
     calls = {
         "grid_sample": lambda: stn_triton.grid_sample(x, grid),
         "grid_sample bicubic": lambda: stn_triton.grid_sample(x, grid, mode="bicubic", padding_mode="border"),
@@ -75,6 +78,11 @@ def _analyse() -> list[dict]:
         "ms_deform_attn softmax per level": lambda: stn_triton.ms_deform_attn(
             value, shapes, None, locations.flatten(3, 4)[:, :, :, :3], weights.flatten(3, 4)[:, :, :, :3],
             points_per_level=[2, 1], softmax=True),
+        "roi_align": lambda: stn_triton.roi_align(x, rois, (2, 3), 0.5, -1),
+        "ps_roi_align": lambda: stn_triton.ps_roi_align(x, rois, (2, 2), 0.5, 2),
+        "deform_roi_pool": lambda: stn_triton.deform_roi_pool(x, rois, roi_offset, (2, 2), 0.5, 2, 0.1, roi_mask),
+        "multi_scale_roi_align": lambda: stn_triton.multi_scale_roi_align(
+            [x, x[:, :, ::2, ::2]], [rois[:2, 1:] * 8, rois[2:, 1:] * 8], (2, 2), 2, [0.25, 0.125]),
     }
     results = []
     for label, call in calls.items():

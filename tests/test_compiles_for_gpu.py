@@ -71,6 +71,23 @@ def _calls() -> dict:
         return lambda: stn_triton.ms_deform_attn(value, shapes, None, locations, weights,
                                                  points_per_level=[3, 2, 1] if per_level else None, softmax=softmax)
 
+    def roi(dtype, kind, channels_last=False, levels=1, channels=8):
+        x = rand(2, channels, 9, 10, dtype=dtype)
+        if channels_last:
+            x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+        rois = torch.tensor([[0, 1.0, 2.0, 8.0, 7.0], [1, -2.0, 0.5, 4.0, 9.0], [1, 3.0, 3.0, 3.5, 3.2]], dtype=dtype)
+        if levels > 1:
+            features = [x, rand(2, 8, 5, 5, dtype=dtype)]
+            boxes = [rois[:1, 1:] * 40, rois[1:, 1:] * 40]
+            return lambda: stn_triton.multi_scale_roi_align(features, boxes, (2, 2), 2, [0.25, 0.125])
+        if kind == "ps":
+            return lambda: stn_triton.ps_roi_align(x, rois, (2, 2), 0.5, -1)
+        if kind == "deform":
+            offset = rand(3, 2, 2, 3, dtype=dtype)
+            mask = rand(3, 1, 2, 3, dtype=dtype, lo=0.0)
+            return lambda: stn_triton.deform_roi_pool(x, rois, offset, (2, 3), 1.0, 0, 0.1, mask)
+        return lambda: stn_triton.roi_align(x, rois, (3, 2), 0.5, 2, True)
+
     def affine_grid(dtype, nd):
         theta = rand(2, nd, nd + 1, dtype=dtype)
         return lambda: stn_triton.affine_grid(theta, (2, 3, *([5] * nd)))
@@ -100,6 +117,14 @@ def _calls() -> dict:
                                                False),
         "attention-fp16-per-level-int64": (attention(torch.float16, d=8, per_level=True), False, True),
         "attention-fp64-det": (attention(torch.float64, d=3, softmax=True), True, False),
+        "roi_align-fp32": (roi(torch.float32, "align"), False, False),
+        "roi_align-fp32-1ch-det": (roi(torch.float32, "align", channels=1), True, False),
+        "roi_align-bf16-nhwc-det": (roi(torch.bfloat16, "align", channels_last=True), True, False),
+        "ps_roi_align-fp16-int64": (roi(torch.float16, "ps"), False, True),
+        "ps_roi_align-fp32-det": (roi(torch.float32, "ps"), True, False),
+        "deform_roi_pool-fp32": (roi(torch.float32, "deform"), False, False),
+        "deform_roi_pool-fp64-det": (roi(torch.float64, "deform"), True, False),
+        "multi_scale_roi_align-fp32-det": (roi(torch.float32, "align", levels=2), True, False),
         # Sizes Triton specializes arriving as the constant 1: a depthwise layer, one output pixel.
         "deform-fp32-depthwise-1px": (deform(torch.float32, channels=8, groups=8, offset_groups=8, size=1), True, False),
     }

@@ -95,3 +95,33 @@ def test_ms_deform_attn_and_its_module_script():
     starts = torch.tensor([0, 12], device=DEVICE)
     torch.testing.assert_close(script(module)(query, reference_points, flat, shapes, starts),
                                module(query, reference_points, flat, shapes, starts))
+
+
+def test_roi_ops_and_their_modules_script():
+    gen = generator(5)
+    x = randn((2, 8, 7, 9), gen, torch.float32)
+    rois = torch.tensor([[0, 1.0, 2.0, 8.0, 6.0], [1, -1.0, 0.5, 4.0, 9.0], [1, 3.0, 3.0, 3.5, 3.2]], device=DEVICE)
+    boxes = [rois[:1, 1:], rois[1:, 1:]]
+    offset = randn((3, 2, 2, 2), gen, torch.float32)
+    mask = rand((3, 1, 2, 2), gen, 0.0, 1.0, torch.float32)
+    calls = [
+        (stn_triton.roi_align, (x, rois, 2, 0.5, 2, True)),
+        (stn_triton.roi_align, (x, boxes, [3, 2])),
+        (stn_triton.ps_roi_align, (x, boxes, [2, 2], 1.0, -1)),
+        (stn_triton.deform_roi_pool, (x, rois, offset, [2, 2], 1.0, 2, 0.1, mask)),
+        (stn_triton.multi_scale_roi_align, ([x, x[:, :, ::2, ::2]], [b * 8 for b in boxes], [2, 2], 2, [0.25, 0.125])),
+    ]
+    for fn, args in calls:
+        torch.testing.assert_close(script(fn)(*args), fn(*args))
+    features = {"0": x, "1": x[:, :, ::2, ::2]}
+    image_shapes = [(28, 36), (28, 36)]
+    modules = [
+        (stn_triton.RoIAlign((2, 2), 0.5, 2), (x, boxes)),
+        (stn_triton.PSRoIAlign(2, 0.5, 2), (x, rois)),
+        (stn_triton.MultiScaleRoIAlign(["0", "1"], 2, 2), (features, [b * 4 for b in boxes], image_shapes)),
+        (stn_triton.DeformRoIPool((2, 2), 1.0, 2), (x, rois, offset)),
+        (stn_triton.DeformRoIPoolPack((2, 2), 8, deform_fc_channels=4).to(DEVICE), (x, rois)),
+        (stn_triton.ModulatedDeformRoIPoolPack((2, 2), 8, deform_fc_channels=4).to(DEVICE), (x, rois)),
+    ]
+    for module, args in modules:
+        torch.testing.assert_close(script(module)(*args), module(*args))

@@ -242,12 +242,13 @@ def test_every_kernel_launch_goes_through_a_tuned_kernel():
     import stn_triton.kernels.affine_grid as affine_grid_kernels
     import stn_triton.kernels.deform_conv as dcn_kernels
     import stn_triton.kernels.ms_deform_attn as attention_kernels
+    import stn_triton.kernels.roi as roi_kernels
     import stn_triton.kernels.sample as sample_kernels
     import stn_triton.kernels.sorted_scatter as sorted_kernels
 
     launched = {
         getattr(module, name)
-        for module in (dcn_kernels, sample_kernels, affine_grid_kernels, sorted_kernels, attention_kernels)
+        for module in (dcn_kernels, sample_kernels, affine_grid_kernels, sorted_kernels, attention_kernels, roi_kernels)
         for name in dir(module)
         if name.startswith("_") and name.endswith("_kernel")
     }
@@ -298,7 +299,7 @@ def _in_space(config: triton.Config, tuned: tuning.TunedKernel) -> bool:
 def test_every_heuristic_picks_a_config_of_its_space():
     """A heuristic's config is one the space times too, so the tuned table (which accepts only configs
     of the space) can only improve on it."""
-    from stn_triton.ops import affine_grid, deform_conv_configs, ms_deform_attn, sample_configs, sorted_scatter
+    from stn_triton.ops import affine_grid, deform_conv_configs, ms_deform_attn, roi, sample_configs, sorted_scatter
 
     checked = set()
     for channels in (1, 3, 4, 5, 16, 32, 64, 256):
@@ -331,6 +332,11 @@ def test_every_heuristic_picks_a_config_of_its_space():
                     config = tuned.heuristic(channels=channels, rows=rows, backward=backward, device=CUDA_LIKE)
                     assert _in_space(config, tuned), (tuned.name, channels, rows, backward)
                     checked.add(tuned.name)
+    for channels in (1, 3, 8, 16, 33, 64, 256, 1024):
+        for nhwc in (False, True):
+            for tuned in (roi.fwd_kernel, roi.bwd_kernel, roi.pixels_kernel):
+                assert _in_space(tuned.heuristic(channels=channels, nhwc=nhwc), tuned), (tuned.name, channels, nhwc)
+                checked.add(tuned.name)
     assert checked == {kernel.name for kernel in tuning.REGISTRY}, "every tuned kernel's heuristic is checked"
 
 

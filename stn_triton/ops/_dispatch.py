@@ -104,7 +104,7 @@ def call(op, function, forward, tensors: tuple, spec, differentiable: tuple):
     is_grads_batched=True)``, as gradcheck uses it, batches the grad_output of a backward): that vmap
     knows no Function's rules, and the dispatcher runs an op once per sample under it.
     """
-    if torch.compiler.is_compiling() or is_legacy_batched(tensors[0]):
+    if torch.compiler.is_compiling() or any(t is not None and is_legacy_batched(t) for t in tensors):
         return op(*tensors, *spec.op_args())
     if transformed() or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)):
         return function.apply(*tensors, spec)
