@@ -30,21 +30,27 @@ import stn_triton
 import training
 from stn_triton import fallback
 from stn_triton.geometry import tps_radial
+from stn_triton.kernels import codes
 from stn_triton.shapes import SHAPES, BenchShape
 from stn_triton.workloads import (
     affine_inputs,
     dcn_inputs,
     grid_inputs,
     homography_inputs,
+    mask_target_inputs,
     msda_inputs,
     ours_affine_grid_sample,
     ours_affine_grid_then_sample,
     ours_deform_conv2d,
     ours_grid_sample,
     ours_ms_deform_attn,
+    ours_multi_scale_roi_align,
     ours_perspective_grid_sample,
+    ours_roi_align,
     ours_tps_grid_sample,
     randn,
+    roi_inputs,
+    roi_scales,
     to_layout,
     tps_inputs,
 )
@@ -87,6 +93,7 @@ class Baseline:
     dtypes: tuple[torch.dtype, ...] | None = None  # None: every dtype; else others run on float32 copies, noted
     compiled: bool = False  # wrap in torch.compile (static shapes), compiled and warmed before timing
     ours: Callable | None = None  # what this baseline is timed against, when not the case's ours
+    deterministic: bool = False  # timed under torch.use_deterministic_algorithms(True), as ours is then
 
 
 @dataclass(frozen=True)
@@ -382,6 +389,92 @@ def msda_case(case_id: str, shape: Shape) -> Case:
     )
 
 
+def reference_multi_scale_roi_align(boxes, *, out_size, levels, **features):
+    """Each box pooled by the plain-PyTorch RoI align (stn_triton.fallback: explicit samples) from
+    the level torchvision's mapper gives it: the float64 reference."""
+    maps, scales = list(features.values()), roi_scales(levels)
+    box_list = list(boxes.unbind(0))
+    rois = stn_triton.functional.boxes_to_rois(box_list)
+    chosen = stn_triton.functional.fpn_levels(box_list, 2, 1 + len(maps))
+    out = maps[0].new_zeros((rois.shape[0], maps[0].shape[1], *out_size))
+    for level, (x, scale) in enumerate(zip(maps, scales)):
+        pooled = fallback.roi_pool(x, rois, None, None, codes.ROI_ALIGN, out_size, scale, 2, False, 0.0)
+        out = torch.where((chosen == level)[:, None, None, None], pooled, out)
+    return out
+
+
+def torchvision_multi_scale_roi_align(boxes, *, out_size, levels, **features):
+    """torchvision's MultiScaleRoIAlign as Mask R-CNN builds it (scales from the maps' sizes)."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    pooler = MultiScaleRoIAlign(list(features), out_size, 2)
+    image = [(levels[0][0] * 4, levels[0][1] * 4)] * boxes.shape[0]
+    return pooler(features, list(boxes.unbind(0)), image)
+
+
+def _torchvision_baseline(fn, shape: Shape) -> dict[str, Baseline]:
+    """``fn`` as the ``torchvision`` baseline where torchvision is installed, timed deterministically
+    in a deterministic case (torchvision's own deterministic path)."""
+    return {"torchvision": Baseline(fn, deterministic=shape.deterministic)} if torchvision_installed() else {}
+
+
+def roi_case(case_id: str, shape: Shape) -> Case:
+    """Mask R-CNN's FPN pooler (multi_scale_roi_align, sampling_ratio 2) against torchvision's
+    MultiScaleRoIAlign (its CUDA kernel, per level; float32 and float16, what its kernel takes);
+    deterministic, also against torchvision's deterministic path (the dense H x W sampling it falls
+    back to under torch.use_deterministic_algorithms(True)), with peak memory. No GB/s: the bytes a
+    gather must read depend on how the boxes overlap."""
+    return Case(
+        op=shape.op,
+        case=case_id,
+        shape=shape,
+        smoke_shape=replace(shape, N=2, C=3, size=(64, 96), out=(2, 3), rois=3,
+                            levels=((16, 24), (8, 12), (4, 6), (2, 3))),
+        make_inputs=roi_inputs,
+        ours=ours_multi_scale_roi_align,
+        shape_kwargs=("out_size", "levels"),
+        reference=Baseline(reference_multi_scale_roi_align),
+        baselines=_torchvision_baseline(torchvision_multi_scale_roi_align, shape),
+        grad_inputs=tuple(f"p{level}" for level in range(len(shape.levels))),
+        dtypes=(torch.float32, torch.float16),
+        passes=(FWD, FWD_BWD),
+        bytes_moved=lambda inputs, output, grad_inputs, pass_: None,
+    )
+
+
+def reference_roi_align(masks, rois, *, out_size):
+    """The plain-PyTorch RoI align (stn_triton.fallback), adaptive sampling: the float64 reference."""
+    return fallback.roi_pool(masks, rois, None, None, codes.ROI_ALIGN, out_size, 1.0, -1, False, 0.0)
+
+
+def torchvision_roi_align(masks, rois, *, out_size):
+    from torchvision.ops import roi_align
+
+    return roi_align(masks, rois, out_size, 1.0, -1, False)
+
+
+def mask_target_case(case_id: str, shape: Shape) -> Case:
+    """Mask R-CNN's mask targets (forward only: ground truth takes no gradient) against torchvision's
+    roi_align: its CUDA kernel and, in the ``_det`` case, the deterministic path it takes then, whose
+    dense adaptive sampling is the memory of torchvision #8168."""
+    return Case(
+        op=shape.op,
+        case=case_id,
+        shape=shape,
+        smoke_shape=replace(shape, N=2, size=(24, 32), out=(3, 4), rois=3),
+        make_inputs=mask_target_inputs,
+        ours=ours_roi_align,
+        shape_kwargs=("out_size",),
+        reference=Baseline(reference_roi_align),
+        baselines=_torchvision_baseline(torchvision_roi_align, shape),
+        grad_inputs=(),
+        dtypes=(torch.float32,),
+        layouts=(NCHW,),
+        passes=(FWD,),
+        bytes_moved=lambda inputs, output, grad_inputs, pass_: None,
+    )
+
+
 # ---- training steps ------------------------------------------------------------------------------
 
 
@@ -477,9 +570,12 @@ def dcn_block_step_case(case_id: str, shape: Shape) -> Case:
 
 
 def deterministic_case(case: Case) -> Case:
-    """``case``'s fwd+bwd under torch.use_deterministic_algorithms(True), against our default
-    (atomic) backward as the ``nondeterministic`` baseline."""
-    return replace(case, passes=(FWD_BWD,), baselines={"nondeterministic": Baseline(case.ours)})
+    """``case``'s fwd+bwd (a forward-only case's forward) under torch.use_deterministic_algorithms(True),
+    against our default (atomic) backward as the ``nondeterministic`` baseline, and against the
+    baselines the case times deterministically (a library's own deterministic path)."""
+    kept = {name: baseline for name, baseline in case.baselines.items() if baseline.deterministic}
+    passes = case.passes if FWD_BWD not in case.passes else (FWD_BWD,)  # a forward-only case stays one
+    return replace(case, passes=passes, baselines={"nondeterministic": Baseline(case.ours), **kept})
 
 
 def sweep_case(case: Case) -> Case:
@@ -498,6 +594,8 @@ BUILDERS: dict[str, Callable[[str, Shape], Case]] = {
     "tps_grid_sample": tps_case,
     "deform_conv2d": dcn_case,
     "ms_deform_attn": msda_case,
+    "multi_scale_roi_align": roi_case,
+    "roi_align": mask_target_case,
     "SpatialTransformer": stn_step_case,
     "DeformConv2d": dcn_block_step_case,
 }

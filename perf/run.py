@@ -259,7 +259,7 @@ def measure_configuration(case: Case, dtype, layout: str, shared: Row, peak_gbps
             ours, moved = ours_timings[ours_fn]
             run_inputs = cast(inputs, run_dtype)
             try:
-                other, _ = time_pass(fn, case, run_inputs, pass_, quick)
+                other, _ = time_pass(fn, case, run_inputs, pass_, quick, case.baselines[name].deterministic)
             except Exception as error:  # a broken baseline is recorded, the suite goes on
                 say(f"baseline {name} failed on {label} {pass_}: {type(error).__name__}: {error}")
                 rows.append(

@@ -6,7 +6,9 @@ the package because ``stn_triton.tune`` is installed with it and ``perf/`` is no
 
 Sampling is bilinear (trilinear in 3-D), zero padding, ``align_corners=False`` unless ``mode``
 says otherwise; deformable convolutions are C -> C channels, stride 1, "same" padding, with a
-mask; multi-scale deformable attention has ``heads`` heads of C channels over ``levels``. The two training-step cases (op ``SpatialTransformer`` and ``DeformConv2d``) time a whole
+mask; multi-scale deformable attention has ``heads`` heads of C channels over ``levels``; RoI
+pooling pools ``rois`` boxes per image from the FPN maps ``levels`` of an image of ``size``
+into ``out`` bins (op ``roi_align``: ``rois`` boxes in all from N single-level maps). The two training-step cases (op ``SpatialTransformer`` and ``DeformConv2d``) time a whole
 step of a model, and their shape is that of the op inside it.
 """
 
@@ -30,6 +32,7 @@ class BenchShape:
     heads: int = 0  # attention heads (C is then the channels of one head)
     points: int = 0  # sampling points per head and level
     queries: int = 0  # queries per image
+    rois: int = 0  # RoI pooling: RoIs per image (``size`` is then the image, ``levels`` its FPN maps)
     deterministic: bool = False  # fwd+bwd under torch.use_deterministic_algorithms(True)
     sweep: str | None = None  # "side" or "batch": a point of the scaling sweep, id sweep_<axis>_<value>
 
@@ -58,6 +61,15 @@ _DETR_LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
 _DETR_ENCODER = BenchShape("ms_deform_attn", 2, 32, (), levels=_DETR_LEVELS, heads=8, points=4,
                            queries=sum(h * w for h, w in _DETR_LEVELS))
 _GRID2D_C64 = BenchShape("grid_sample", 32, 64, (128, 128))
+# Mask R-CNN's poolers on an 800 x 1333 image: FPN P2-P5 (strides 4 to 32) of 256 channels, 512
+# sampled RoIs per image, sampling_ratio 2; the box head pools 7 x 7, the mask head 14 x 14.
+_MASK_RCNN_BOX = BenchShape("multi_scale_roi_align", 2, 256, (800, 1333), out=(7, 7), rois=512,
+                            levels=((200, 334), (100, 167), (50, 84), (25, 42)))
+_MASK_RCNN_MASK = replace(_MASK_RCNN_BOX, out=(14, 14))
+# Mask R-CNN's mask targets (roi_heads.project_masks_on_boxes): 128 positive RoIs pooled to 28 x 28
+# from 8 image-size instance masks, sampling_ratio -1 (adaptive), the call torchvision's
+# deterministic path runs out of memory on (torchvision #8168).
+_MASK_RCNN_TARGETS = BenchShape("roi_align", 8, 1, (800, 1333), out=(28, 28), rois=128)
 
 SHAPES: dict[str, BenchShape] = {
     "affine2d_c3": BenchShape("affine_grid_sample", 64, 3, (224, 224)),
@@ -77,9 +89,15 @@ SHAPES: dict[str, BenchShape] = {
     # RT-DETR's decoder on 640 x 640: three levels at strides 8 to 32.
     "msda_rtdetr_decoder": BenchShape("ms_deform_attn", 2, 32, (), levels=((80, 80), (40, 40), (20, 20)), heads=8,
                                       points=4, queries=300),
+    "roi_maskrcnn_box": _MASK_RCNN_BOX,
+    "roi_maskrcnn_mask": _MASK_RCNN_MASK,
+    "roi_maskrcnn_targets": _MASK_RCNN_TARGETS,
     "affine2d_c64_det": replace(_AFFINE2D_C64, deterministic=True),
     "grid2d_c64_det": replace(_GRID2D_C64, deterministic=True),
     "msda_detr_encoder_det": replace(_DETR_ENCODER, deterministic=True),
+    "roi_maskrcnn_box_det": replace(_MASK_RCNN_BOX, deterministic=True),
+    "roi_maskrcnn_mask_det": replace(_MASK_RCNN_MASK, deterministic=True),
+    "roi_maskrcnn_targets_det": replace(_MASK_RCNN_TARGETS, deterministic=True),
     # The notebook's classifier (notebooks/stn_distorted_mnist.ipynb) on 42x42 digits, at batch 256.
     "stn_mnist_step": BenchShape("SpatialTransformer", 256, 1, (42, 42)),
     # A ResNet-50 bottleneck (1024 -> 256 -> 256 -> 1024) with a DCNv2 3x3 conv: dcn_r50's op in a block.

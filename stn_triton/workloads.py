@@ -139,6 +139,43 @@ def msda_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
     }
 
 
+def roi_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
+    """The FPN maps ``p0`` ... [N, C, H_l, W_l] in ``layout`` and boxes [N, R, 4] in image pixels:
+    centres uniform over the image, sides log-uniform in [16, 800] pixels with an aspect ratio
+    log-uniform in [1/2, 2] (so they spread over the levels as proposals do), clipped to the image;
+    everything in ``dtype``, as torchvision needs it."""
+    height, width = shape.size
+    features = {f"p{level}": to_layout(randn((shape.N, shape.C, h, w), dtype, device, gen), layout)
+                for level, (h, w) in enumerate(shape.levels)}
+    count = (shape.N, shape.rois)
+    centre = torch.rand((*count, 2), device=device, generator=gen) * torch.tensor([width, height], device=device)
+    side = 16.0 * 50.0 ** torch.rand(count, device=device, generator=gen)
+    aspect = 2.0 ** (2 * torch.rand(count, device=device, generator=gen) - 1)
+    half = torch.stack([side * aspect.sqrt(), side / aspect.sqrt()], -1) / 2
+    low = torch.minimum(centre - half, centre - 1).clamp(min=0)
+    high = torch.maximum(centre + half, centre + 1)
+    high = torch.minimum(high, torch.tensor([width, height], device=device, dtype=high.dtype))
+    return {**features, "boxes": torch.cat([low, high], -1).to(dtype)}
+
+
+def mask_target_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
+    """Instance masks [N, 1, H, W] (an elliptical blob each, 0 or 1 as the ground truth's uint8 cast)
+    and RoIs [rois, 5]: each names a random mask and a box around its blob, jittered as proposals
+    are, in ``dtype``."""
+    height, width = shape.size
+    centre = torch.rand((shape.N, 2), device=device, generator=gen) * torch.tensor([width, height], device=device)
+    radius = 16.0 * 25.0 ** torch.rand((shape.N, 2), device=device, generator=gen)
+    ys = torch.arange(height, device=device, dtype=torch.float32)[None, :, None]
+    xs = torch.arange(width, device=device, dtype=torch.float32)[None, None, :]
+    inside = ((xs - centre[:, 0, None, None]) / radius[:, 0, None, None]) ** 2 + \
+        ((ys - centre[:, 1, None, None]) / radius[:, 1, None, None]) ** 2 <= 1
+    masks = to_layout(inside[:, None].to(dtype), layout)
+    index = torch.randint(shape.N, (shape.rois,), device=device, generator=gen)
+    jitter = 1 + 0.2 * (2 * torch.rand((shape.rois, 4), device=device, generator=gen) - 1)
+    box = torch.cat([centre[index] - radius[index], centre[index] + radius[index]], 1) * jitter
+    return {"masks": masks, "rois": torch.cat([index[:, None].float(), box], 1).to(dtype)}
+
+
 # ---- stn_triton's calls ---------------------------------------------------------------------------
 
 
@@ -175,6 +212,22 @@ def ours_deform_conv2d(input, offset, mask, weight, bias, *, padding):
     return stn_triton.deform_conv2d(input, offset, weight, bias, padding=padding, mask=mask)
 
 
+def roi_scales(levels) -> list[float]:
+    """The FPN maps' spatial scales, 1/4 for the first (P2) and halving: what MultiScaleRoIAlign infers."""
+    return [0.25 / 2 ** level for level in range(len(levels))]
+
+
+def ours_multi_scale_roi_align(boxes, *, out_size, levels, **features):
+    """Mask R-CNN's pooler at sampling_ratio 2: every box from the level its size maps to."""
+    return stn_triton.multi_scale_roi_align(list(features.values()), list(boxes.unbind(0)), out_size, 2,
+                                            roi_scales(levels))
+
+
+def ours_roi_align(masks, rois, *, out_size):
+    """Mask R-CNN's mask targets: ``roi_align(gt_masks, rois, (M, M), 1.0)``, adaptive sampling."""
+    return stn_triton.roi_align(masks, rois, out_size, 1.0, -1, False)
+
+
 def workload(shape: BenchShape):
     """(make_inputs, call, grad_inputs) of the stn_triton op a benchmark shape times: ``call(**inputs)``
     returns its output, ``grad_inputs`` the inputs a backward takes gradients of. A training-step
@@ -198,4 +251,9 @@ def workload(shape: BenchShape):
     if op == "ms_deform_attn":
         return (msda_inputs, functools.partial(ours_ms_deform_attn, levels=shape.levels),
                 ("value", "sampling_locations", "attention_weights"))
+    if op == "multi_scale_roi_align":
+        return (roi_inputs, functools.partial(ours_multi_scale_roi_align, out_size=shape.out_size, levels=shape.levels),
+                tuple(f"p{level}" for level in range(len(shape.levels))))
+    if op == "roi_align":
+        return mask_target_inputs, functools.partial(ours_roi_align, out_size=shape.out_size), ()
     raise ValueError(f"no workload for op {op!r}")
