@@ -1,4 +1,5 @@
-"""stn_triton: fused Triton kernels for spatial transformers, deformable convolution and attention, and RoI pooling."""
+"""stn_triton: fused Triton kernels for spatial transformers, deformable convolution and attention, RoI pooling,
+and CoordConv."""
 
 from stn_triton import scripting, swap  # noqa: F401  (scripting registers the TorchScript ops)
 from stn_triton.backend import backend
@@ -18,6 +19,8 @@ from stn_triton.functional import (
     warp_perspective,
 )
 from stn_triton.nn import (
+    AddCoords,
+    CoordConv2d,
     DeformConv2d,
     DeformRoIPool,
     DeformRoIPoolPack,
@@ -31,6 +34,8 @@ from stn_triton.nn import (
 )
 
 __all__ = [
+    "AddCoords",
+    "CoordConv2d",
     "DeformConv2d",
     "DeformRoIPool",
     "DeformRoIPoolPack",

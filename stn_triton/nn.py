@@ -609,3 +609,71 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
         mask = self.mask_fc(pooled.flatten(1)).view(pooled.shape[0], 1, self.output_size[0], self.output_size[1])
         return functional.deform_roi_pool(input, rois, self._offset(pooled), self.output_size, self.spatial_scale,
                                           self.sampling_ratio, self.gamma, mask)
+
+
+def coordinates(height: int, width: int, with_r: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """CoordConv's coordinate channels ``[2 or 3, height, width]``: x = 2 col / (W - 1) - 1 (along the
+    width), y = 2 row / (H - 1) - 1 (along the height), both in [-1, 1] (0 along an axis of one
+    pixel), and with ``with_r`` the radius sqrt(x^2 + y^2); the paper's channels, in its order."""
+    ys = torch.linspace(-1.0, 1.0, height, dtype=dtype, device=device) if height > 1 else \
+        torch.zeros(1, dtype=dtype, device=device)
+    xs = torch.linspace(-1.0, 1.0, width, dtype=dtype, device=device) if width > 1 else \
+        torch.zeros(1, dtype=dtype, device=device)
+    channels = [xs[None, :].expand(height, width), ys[:, None].expand(height, width)]
+    if with_r:
+        channels.append(torch.sqrt(channels[0] * channels[0] + channels[1] * channels[1]))
+    return torch.stack(channels)
+
+
+class AddCoords(nn.Module):
+    """CoordConv's input (Liu et al., NeurIPS 2018): ``input [N, C, H, W]`` with the coordinate
+    channels x, y (and r with ``with_r``) appended -> ``[N, C + 2 (3), H, W]`` (see ``coordinates``),
+    in input's dtype. For a convolution over them, ``CoordConv2d`` computes the same without
+    building them per image."""
+
+    def __init__(self, with_r: bool = False):
+        super().__init__()
+        self.with_r = with_r
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() != 4:
+            raise ValueError(f"input must be 4-D [N, C, H, W], got shape {list(input.shape)}")
+        n, _, h, w = input.shape
+        coords = coordinates(h, w, self.with_r, input.dtype, input.device)
+        return torch.cat([input, coords[None].expand(n, -1, -1, -1)], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"with_r={self.with_r}"
+
+
+class CoordConv2d(nn.Module):
+    """A convolution over the input with CoordConv's coordinate channels appended (``AddCoords``, then
+    ``nn.Conv2d(in_channels + 2 (3), out_channels, ...)``), computed without appending them: the
+    coordinates are the same for every image, so their share of the output is one position-dependent
+    map, the coordinate channels convolved at batch size 1 with their slice of the weight, added to
+    the convolution of the input with the rest. The weight, its gradient (the coordinate slice's
+    through the batch-1 convolution) and the ``state_dict`` (``conv.weight``, ``conv.bias``) are the
+    concatenation's. ``groups`` must be 1 (the appended channels would otherwise fall into the last
+    group only)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", with_r: bool = False):
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f"groups must be 1 for CoordConv2d (the coordinate channels belong to no group), "
+                             f"got {groups}")
+        self.in_channels = in_channels
+        self.with_r = with_r
+        self.conv = nn.Conv2d(in_channels + (3 if with_r else 2), out_channels, kernel_size, stride, padding,
+                              dilation, 1, bias, padding_mode)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() != 4 or input.shape[1] != self.in_channels:
+            raise ValueError(f"input must be [N, {self.in_channels}, H, W], got shape {list(input.shape)}")
+        weight = self.conv.weight
+        out = self.conv._conv_forward(input, weight[:, :self.in_channels], self.conv.bias)
+        coords = coordinates(input.shape[2], input.shape[3], self.with_r, input.dtype, input.device)
+        return out + self.conv._conv_forward(coords[None], weight[:, self.in_channels:], None)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, with_r={self.with_r}"
