@@ -184,6 +184,7 @@ def _roi_bins_kernel(
     KIND: tl.constexpr,  # ROI_ALIGN, PS_ROI_ALIGN or DEFORM_ROI_POOL
     ALIGNED: tl.constexpr,  # ROI_ALIGN: the half-pixel shift (always on for the other kinds)
     OFFSET: tl.constexpr, MASK: tl.constexpr, LEVELS: tl.constexpr,
+    ZERO_OTHERS: tl.constexpr,  # FORWARD with LEVELS: also write 0 to the other levels' lanes (the first launch)
     INPUT_GRAD: tl.constexpr, OFFSET_GRAD: tl.constexpr, MASK_GRAD: tl.constexpr,
     F64: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_B: tl.constexpr,  # (RoI, bin) lanes per program
@@ -211,6 +212,9 @@ def _roi_bins_kernel(
     if LEVELS:
         mine = mine & (tl.load(levels_ptr + k * sl_k, mask=lane_mask, other=-1) == LEVEL)
     ok = ok & mine
+    written = mine
+    if ZERO_OTHERS:
+        written = lane_mask
     if OFFSET:
         off = offset_ptr + k * so_k + ph * so_h + pw * so_w
         start_w = start_w + gamma * width * to_compute(tl.load(off, mask=ok, other=0.0), F64)
@@ -277,7 +281,8 @@ def _roi_bins_kernel(
             if MASK:
                 out = out * modulation[None, :]
             store = y_ptr + (k * sy_k + b * sy_b)[None, :] + (c * sy_c)[:, None]
-            tl.store(store, out.to(y_ptr.dtype.element_ty), mask=c_mask[:, None] & mine[None, :])
+            tl.store(store, tl.where(mine[None, :], out, 0.0).to(y_ptr.dtype.element_ty),
+                     mask=c_mask[:, None] & written[None, :])
     else:
         gy_lane = gy_ptr + k * sgy_k + ph * sgy_h + pw * sgy_w
         # Per-element partial sums of the bins' offset and mask gradients, reduced once at the end.

@@ -156,7 +156,7 @@ def _arguments(rois, levels, offset, mask, features, spec: RoISpec) -> dict:
         K=rois.shape[0], PH=ph, PW=pw, SR=spec.sampling_ratio, gamma=spec.gamma,
         sr_k=rois.stride(0), sr_c=rois.stride(1), sl_k=levels.stride(0) if levels is not None else 0,
         KIND=spec.kind, ALIGNED=spec.aligned, OFFSET=offset is not None, MASK=mask is not None,
-        LEVELS=levels is not None,
+        LEVELS=levels is not None, ZERO_OTHERS=False,
         F64=torch.float64 in (rois.dtype, *(t.dtype for t in (offset, mask, *features) if t is not None)),
     )
     args.update(zip(("so_k", "so_c", "so_h", "so_w"), offset.stride() if offset is not None else (0,) * 4))
@@ -176,9 +176,11 @@ def roi_forward(rois, levels, offset, mask, *features, spec: RoISpec) -> torch.T
     channels = first.shape[1] // spec.bins if spec.kind == codes.PS_ROI_ALIGN else first.shape[1]
     shape = (rois.shape[0], channels, *spec.output_size)
     out = empty_like_layout(first, shape, dtype=spec.out_dtype)
-    # Bins no launch writes stay 0: those of a feature map without pixels, and with levels those of
-    # RoIs whose level is another call's (a pyramid of more than MAX_LEVELS maps pools in several).
-    if levels is not None or any(f.shape[2] * f.shape[3] == 0 for f in features):
+    # With levels, the first launch also writes 0 to the bins of the other levels' RoIs (those of
+    # another call's levels stay 0: a pyramid of more than MAX_LEVELS maps pools in several calls),
+    # so the output takes no separate zeroing pass, unless a map without pixels skips its launch.
+    zeroed = any(f.shape[2] * f.shape[3] == 0 for f in features)
+    if zeroed:
         out.zero_()
     if out.numel() == 0:
         return out
@@ -194,7 +196,7 @@ def roi_forward(rois, levels, offset, mask, *features, spec: RoISpec) -> torch.T
         launch = fwd_kernel.choose(_key("fwd", x, rois, spec), _shape(x), x.device)
         args.update(_level_arguments(x, level, spec), x_ptr=x, sx_n=x.stride(0), sx_c=x.stride(1),
                     sx_h=x.stride(2), sx_w=x.stride(3), EVEN_C=channels % launch.most("BLOCK_C") == 0,
-                    INDEX_64=needs_int64(x, out, rois))
+                    INDEX_64=needs_int64(x, out, rois), ZERO_OTHERS=levels is not None and level == 0 and not zeroed)
         launch(lambda meta: (cdiv(lanes, meta["BLOCK_B"]), cdiv(channels, meta["BLOCK_C"])), **args)
     return out
 
