@@ -34,6 +34,7 @@ from stn_triton.kernels import codes
 from stn_triton.shapes import SHAPES, BenchShape
 from stn_triton.workloads import (
     affine_inputs,
+    blur_inputs,
     dcn_inputs,
     grid_inputs,
     homography_inputs,
@@ -41,8 +42,10 @@ from stn_triton.workloads import (
     msda_inputs,
     ours_affine_grid_sample,
     ours_affine_grid_then_sample,
+    ours_blur_pool2d,
     ours_deform_conv2d,
     ours_grid_sample,
+    ours_max_blur_pool2d,
     ours_ms_deform_attn,
     ours_multi_scale_roi_align,
     ours_perspective_grid_sample,
@@ -475,6 +478,47 @@ def mask_target_case(case_id: str, shape: Shape) -> Case:
     )
 
 
+def eager_blur_pool2d(input, *, kernel, max_pool_size=1):
+    """kornia's composition (filters/blur_pool.py), written here for a GPU machine without kornia:
+    F.max_pool2d at stride 1 (the max variant), then the depthwise F.conv2d of the normalized
+    binomial kernel, zero padding (k - 1) // 2 (odd k), stride 2: two full-resolution passes."""
+    x = F.max_pool2d(input, max_pool_size, stride=1) if max_pool_size > 1 else input
+    taps = fallback.binomial_kernel(kernel, input.dtype, input.device)
+    weight = (taps[:, None] * taps[None, :]).expand(input.shape[1], 1, kernel, kernel)
+    return F.conv2d(x, weight, stride=2, padding=(kernel - 1) // 2, groups=input.shape[1])
+
+
+def kornia_blur_pool2d(input, *, kernel, max_pool_size=1):
+    from kornia.filters import blur_pool2d, max_blur_pool2d
+
+    return max_blur_pool2d(input, kernel, 2, max_pool_size) if max_pool_size > 1 else blur_pool2d(input, kernel, 2)
+
+
+def blur_case(case_id: str, shape: Shape) -> Case:
+    """Anti-aliased downsampling (kornia's blur_pool2d / max_blur_pool2d) at an antialiased ResNet-50
+    layer, against the composition eager and under torch.compile, and kornia's own where installed.
+    The composition writes the max map and reads it back (about 3.25 units of traffic where the one
+    pass needs 1.25: the input and a quarter of it written); GB/s counts the latter."""
+    pool = 2 if shape.op == "max_blur_pool2d" else 1
+    eager = functools.partial(eager_blur_pool2d, max_pool_size=pool)
+    reference, baselines = _eager_and_compile(eager)
+    if importlib.util.find_spec("kornia") is not None:
+        baselines = {**baselines, "kornia": Baseline(functools.partial(kornia_blur_pool2d, max_pool_size=pool))}
+    return Case(
+        op=shape.op,
+        case=case_id,
+        shape=shape,
+        smoke_shape=replace(shape, N=2, C=3, size=(9, 10)),
+        make_inputs=blur_inputs,
+        ours=ours_max_blur_pool2d if pool > 1 else ours_blur_pool2d,
+        shape_kwargs=("kernel",),
+        reference=reference,
+        baselines=baselines,
+        grad_inputs=("input",),
+        passes=(FWD, FWD_BWD),
+    )
+
+
 # ---- training steps ------------------------------------------------------------------------------
 
 
@@ -596,6 +640,8 @@ BUILDERS: dict[str, Callable[[str, Shape], Case]] = {
     "ms_deform_attn": msda_case,
     "multi_scale_roi_align": roi_case,
     "roi_align": mask_target_case,
+    "blur_pool2d": blur_case,
+    "max_blur_pool2d": blur_case,
     "SpatialTransformer": stn_step_case,
     "DeformConv2d": dcn_block_step_case,
 }

@@ -74,6 +74,10 @@ VARIANT_CASES = [
     ("roi_maskrcnn_mask_det", torch.float32, "nchw", ("fwd+bwd",), True, None, False),
     ("roi_maskrcnn_mask_det", torch.float32, "nhwc", ("fwd+bwd",), True, None, False),
     ("roi_maskrcnn_targets", torch.float32, "nchw", ("fwd",), False, None, False),
+    ("maxblur_r50_c64", torch.float32, "nchw", ("fwd+bwd",), False, None, False),
+    ("maxblur_r50_c64", torch.bfloat16, "nhwc", ("fwd+bwd",), False, None, False),
+    ("blur_r50_c256", torch.float32, "nchw", ("fwd+bwd",), False, None, False),
+    ("blur_r50_c256", torch.bfloat16, "nhwc", ("fwd+bwd",), False, None, False),
 ]
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 _POINTER_TYPES = {**_DTYPE_NAMES, torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",

@@ -1,14 +1,16 @@
 """stn_triton: fused Triton kernels for spatial transformers, deformable convolution and attention, RoI pooling,
-and CoordConv."""
+blur pooling and CoordConv."""
 
 from stn_triton import scripting, swap  # noqa: F401  (scripting registers the TorchScript ops)
 from stn_triton.backend import backend
 from stn_triton.functional import (
     affine_grid,
     affine_grid_sample,
+    blur_pool2d,
     deform_conv2d,
     deform_roi_pool,
     grid_sample,
+    max_blur_pool2d,
     ms_deform_attn,
     multi_scale_roi_align,
     perspective_grid_sample,
@@ -20,10 +22,12 @@ from stn_triton.functional import (
 )
 from stn_triton.nn import (
     AddCoords,
+    BlurPool2d,
     CoordConv2d,
     DeformConv2d,
     DeformRoIPool,
     DeformRoIPoolPack,
+    MaxBlurPool2d,
     ModulatedDeformRoIPoolPack,
     MSDeformAttn,
     MultiScaleRoIAlign,
@@ -35,11 +39,13 @@ from stn_triton.nn import (
 
 __all__ = [
     "AddCoords",
+    "BlurPool2d",
     "CoordConv2d",
     "DeformConv2d",
     "DeformRoIPool",
     "DeformRoIPoolPack",
     "MSDeformAttn",
+    "MaxBlurPool2d",
     "ModulatedDeformRoIPoolPack",
     "MultiScaleRoIAlign",
     "PSRoIAlign",
@@ -49,9 +55,11 @@ __all__ = [
     "affine_grid",
     "affine_grid_sample",
     "backend",
+    "blur_pool2d",
     "deform_conv2d",
     "deform_roi_pool",
     "grid_sample",
+    "max_blur_pool2d",
     "ms_deform_attn",
     "multi_scale_roi_align",
     "perspective_grid_sample",

@@ -1,4 +1,4 @@
-"""Plain PyTorch implementations of the fused warps, deformable convolution, deformable attention and RoI pooling.
+"""Plain PyTorch implementations of the fused warps, deformable convolution, deformable attention, RoI pooling and blur pooling.
 
 These run when a CPU tensor is used without ``TRITON_INTERPRET=1`` (see ``stn_triton.backend``):
 they build the sampling grid (or the column buffer) in memory and call ``F.grid_sample`` (or a
@@ -6,6 +6,8 @@ matmul), as one would without this library. The transform math they share with t
 (the thin-plate-spline solve, kornia's pixel frames) lives in ``stn_triton.geometry``.
 Shapes: input ``[N, C, H, W]`` (or ``[N, C, D, H, W]`` for the affine warp).
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -267,3 +269,28 @@ def roi_pool(input, rois, offset, mask, kind: int, output_size, spatial_scale, s
         out = out * mask[:, 0, :, :, None].to(dtype)
     fmt = torch.channels_last if channels_last(input) else torch.contiguous_format
     return out.permute(0, 3, 1, 2).to(input.dtype).contiguous(memory_format=fmt)
+
+
+def binomial_kernel(k: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The normalized binomial (Pascal) taps ``C(k - 1, i) / 2^(k - 1)`` [k]."""
+    return torch.tensor([math.comb(k - 1, i) / 2 ** (k - 1) for i in range(k)], dtype=dtype, device=device)
+
+
+def blur_pool(input, kernel_size, stride, window, padding_mode: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """The composition the blur kernels fuse: ``F.max_pool2d(window, stride=1)`` (unless 1 x 1), a
+    padded copy, a depthwise ``F.conv2d`` with the binomial kernel at ``stride``; in float32 (float64
+    for float64). input [N, C, H, W] -> [N, C, OH, OW], input's layout."""
+    dtype = compute_dtype(input.dtype)
+    x = input.to(dtype)
+    if tuple(window) != (1, 1):
+        x = F.max_pool2d(x, window, stride=1)
+    (kh, kw), c = kernel_size, input.shape[1]
+    x = F.pad(x, ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2),
+              mode="constant" if padding_mode == "zeros" else padding_mode)
+    weight = binomial_kernel(kh, dtype, input.device)[:, None] * binomial_kernel(kw, dtype, input.device)[None, :]
+    if c == 0:  # conv2d takes no zero groups
+        out = x.new_empty((x.shape[0], 0, (x.shape[2] - kh) // stride[0] + 1, (x.shape[3] - kw) // stride[1] + 1))
+    else:
+        out = F.conv2d(x, weight.expand(c, 1, kh, kw), stride=stride, groups=c)
+    fmt = torch.channels_last if channels_last(input) else torch.contiguous_format
+    return out.to(out_dtype).contiguous(memory_format=fmt)

@@ -20,6 +20,7 @@ from stn_triton.derived import derived
 from stn_triton.kernels import codes
 from stn_triton.numerics import compute_dtype
 from stn_triton.ops import affine_grid as _affine_grid_op
+from stn_triton.ops import blur_pool as _blur_pool_op
 from stn_triton.ops import deform_conv as _deform_conv_op
 from stn_triton.ops import ms_deform_attn as _attention_op
 from stn_triton.ops import roi as _roi_op
@@ -494,3 +495,56 @@ def _multi_scale(features: list, rois, levels, size, scales, sampling_ratio, ali
         return out
     return _without_autocast(first.device.type, _roi_op.multi_scale_roi_align, features, rois, levels, size,
                              list(scales), sampling_ratio, aligned, first.dtype)
+
+
+def _blur_dtype(input: torch.Tensor) -> torch.dtype:
+    """The output dtype of a blur pooling: the input's, or inside autocast what the composition's
+    depthwise ``F.conv2d`` returns there (the autocast dtype, unless the input is float64)."""
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type) and input.dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return input.dtype
+
+
+def _blur_pool(input, kernel_size, stride, max_pool_size, padding_mode) -> torch.Tensor:
+    """Dispatch a validated (max-)blur pooling, computed in float32 (float64 for float64)."""
+    sizes = (validation.int_pair("kernel_size", kernel_size), validation.int_pair("stride", stride),
+             validation.int_pair("max_pool_size", max_pool_size))
+    out_dtype = _blur_dtype(input)
+    if backend(input) == TORCH:
+        return _without_autocast(input.device.type, fallback.blur_pool, input, *sizes, padding_mode, out_dtype)
+    return _without_autocast(input.device.type, _blur_pool_op.blur_pool, input, *sizes, padding_mode, out_dtype)
+
+
+def blur_pool2d(input: torch.Tensor, kernel_size=3, stride=2, padding_mode: str = "zeros") -> torch.Tensor:
+    """Anti-aliased downsampling (Zhang, ICML 2019): a binomial blur, then the stride, in one pass.
+
+    input ``[N, C, H, W]`` -> ``[N, C, ceil(H / stride), ceil(W / stride)]``: the depthwise
+    correlation with the normalized binomial (Pascal) kernel of ``kernel_size`` taps (an int or
+    (KH, KW), 1 to 16; weights ``C(k - 1, i) / 2^(k - 1)``), the input padded ``(k - 1) // 2``
+    before and ``k // 2`` after by ``padding_mode``: ``zeros`` equals ``kornia.filters.blur_pool2d``,
+    ``reflect`` / ``replicate`` equal antialiased-cnns' ``BlurPool(C, pad_type, filt_size, stride)``
+    (filter size 1 is its plain subsampling ``x[..., ::stride, ::stride]``). Only the strided output
+    is computed and written; no padded copy is made. Computed in float32 (float64 for float64);
+    the input's dtype and layout out (channels_last kept), inside autocast the autocast dtype
+    (the composition's conv2d's). Gradients for input, deterministic (a gather, no atomics).
+    """
+    _raise(validation.blur_pool_problem(input, kernel_size, stride, padding_mode))
+    return _blur_pool(input, kernel_size, stride, 1, padding_mode)
+
+
+def max_blur_pool2d(input: torch.Tensor, kernel_size=3, stride=2, max_pool_size=2, ceil_mode: bool = False,
+                    padding_mode: str = "zeros") -> torch.Tensor:
+    """MaxBlurPool (Zhang, ICML 2019): a max over ``max_pool_size`` windows at stride 1, then
+    ``blur_pool2d``, in one pass; equals ``kornia.filters.max_blur_pool2d`` (and with
+    ``padding_mode='reflect'`` antialiased-cnns' ``nn.MaxPool2d(max_pool_size, stride=1)`` followed
+    by its ``BlurPool``).
+
+    input ``[N, C, H, W]`` -> ``[N, C, ceil((H - m + 1) / stride), ceil((W - m + 1) / stride)]``. The
+    max windows follow ``F.max_pool2d`` (no padding; a NaN wins; of equal values the first in
+    row-major order takes the gradient); their maxima are never stored, only the strided output.
+    ``ceil_mode`` has no effect (at stride 1 floor and ceil agree), as in kornia. Dtypes, layout,
+    autocast and the deterministic backward as ``blur_pool2d``'s.
+    """
+    _raise(validation.blur_pool_problem(input, kernel_size, stride, padding_mode, max_pool_size, ceil_mode))
+    return _blur_pool(input, kernel_size, stride, max_pool_size, padding_mode)

@@ -677,3 +677,55 @@ class CoordConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, with_r={self.with_r}"
+
+
+class BlurPool2d(nn.Module):
+    """Anti-aliased downsampling, ``blur_pool2d``: a drop-in for kornia's ``BlurPool2D(kernel_size,
+    stride)`` (zeros padding) and, as ``BlurPool2d(filt_size, stride, pad_type)`` with ``'reflect'``,
+    ``'replicate'`` or ``'zeros'``, for antialiased-cnns' ``BlurPool(channels, pad_type, filt_size,
+    stride)`` (whose ``pad_off`` it does not take; it has no weights, so channels need not be given).
+    ``forward(input [N, C, H, W])`` -> ``[N, C, ceil(H / stride), ceil(W / stride)]``."""
+
+    def __init__(self, kernel_size: Union[int, Tuple[int, int]] = 3, stride: Union[int, Tuple[int, int]] = 2,
+                 padding_mode: str = "zeros"):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding_mode = padding_mode
+        problem = validation.blur_options_problem(kernel_size, stride, padding_mode)
+        if problem is not None:
+            raise problem
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return functional.blur_pool2d(input, self.kernel_size, self.stride, self.padding_mode)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding_mode={self.padding_mode!r}"
+
+
+class MaxBlurPool2d(nn.Module):
+    """MaxBlurPool, ``max_blur_pool2d``: a drop-in for kornia's ``MaxBlurPool2D(kernel_size, stride,
+    max_pool_size, ceil_mode)`` and, with ``padding_mode='reflect'``, for antialiased-cnns'
+    ``nn.Sequential(nn.MaxPool2d(max_pool_size, stride=1), BlurPool(channels, 'reflect', kernel_size,
+    stride))``, in one pass. ``forward(input [N, C, H, W])`` -> ``[N, C, ceil((H - m + 1) / stride),
+    ceil((W - m + 1) / stride)]``."""
+
+    def __init__(self, kernel_size: Union[int, Tuple[int, int]] = 3, stride: Union[int, Tuple[int, int]] = 2,
+                 max_pool_size: Union[int, Tuple[int, int]] = 2, ceil_mode: bool = False, padding_mode: str = "zeros"):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.max_pool_size = max_pool_size
+        self.ceil_mode = ceil_mode
+        self.padding_mode = padding_mode
+        problem = validation.blur_options_problem(kernel_size, stride, padding_mode, max_pool_size, ceil_mode)
+        if problem is not None:
+            raise problem
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return functional.max_blur_pool2d(input, self.kernel_size, self.stride, self.max_pool_size, self.ceil_mode,
+                                          self.padding_mode)
+
+    def extra_repr(self) -> str:
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, max_pool_size={self.max_pool_size}, "
+                f"ceil_mode={self.ceil_mode}, padding_mode={self.padding_mode!r}")

@@ -47,6 +47,9 @@ _SCHEMAS = {
     "multi_scale_roi_align": ("multi_scale_roi_align(Tensor[] features, Tensor[] boxes, int[2] output_size, "
                               "int sampling_ratio, float[] scales, int canonical_scale=224, int canonical_level=4, "
                               "bool aligned=False) -> Tensor"),
+    "blur_pool2d": "blur_pool2d(Tensor input, int[2] kernel_size=3, int[2] stride=2, str padding_mode='zeros') -> Tensor",
+    "max_blur_pool2d": ("max_blur_pool2d(Tensor input, int[2] kernel_size=3, int[2] stride=2, int[2] max_pool_size=2, "
+                        "bool ceil_mode=False, str padding_mode='zeros') -> Tensor"),
 }
 for _name, _schema in _SCHEMAS.items():
     _LIBRARY.define(_schema)
@@ -138,6 +141,17 @@ def multi_scale_roi_align(features: List[torch.Tensor], boxes: List[torch.Tensor
                           canonical_level: int = 4, aligned: bool = False) -> torch.Tensor:
     return torch.ops.stn_triton.multi_scale_roi_align(features, boxes, output_size, sampling_ratio, scales,
                                                       canonical_scale, canonical_level, aligned)
+
+
+def blur_pool2d(input: torch.Tensor, kernel_size: BroadcastingList2[int] = 3, stride: BroadcastingList2[int] = 2,
+                padding_mode: str = "zeros") -> torch.Tensor:
+    return torch.ops.stn_triton.blur_pool2d(input, kernel_size, stride, padding_mode)
+
+
+def max_blur_pool2d(input: torch.Tensor, kernel_size: BroadcastingList2[int] = 3, stride: BroadcastingList2[int] = 2,
+                    max_pool_size: BroadcastingList2[int] = 2, ceil_mode: bool = False,
+                    padding_mode: str = "zeros") -> torch.Tensor:
+    return torch.ops.stn_triton.max_blur_pool2d(input, kernel_size, stride, max_pool_size, ceil_mode, padding_mode)
 
 
 def _scripted_twin(name: str):

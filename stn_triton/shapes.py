@@ -8,7 +8,9 @@ Sampling is bilinear (trilinear in 3-D), zero padding, ``align_corners=False`` u
 says otherwise; deformable convolutions are C -> C channels, stride 1, "same" padding, with a
 mask; multi-scale deformable attention has ``heads`` heads of C channels over ``levels``; RoI
 pooling pools ``rois`` boxes per image from the FPN maps ``levels`` of an image of ``size``
-into ``out`` bins (op ``roi_align``: ``rois`` boxes in all from N single-level maps). The two training-step cases (op ``SpatialTransformer`` and ``DeformConv2d``) time a whole
+into ``out`` bins (op ``roi_align``: ``rois`` boxes in all from N single-level maps); blur pooling
+(``blur_pool2d``, ``max_blur_pool2d``) blurs with ``kernel`` binomial taps at stride 2, zero
+padding, after a 2 x 2 max at stride 1 for the max variant. The two training-step cases (op ``SpatialTransformer`` and ``DeformConv2d``) time a whole
 step of a model, and their shape is that of the op inside it.
 """
 
@@ -27,7 +29,7 @@ class BenchShape:
     C_out: int | None = None  # output channels of a convolution; None: ``C``
     mode: str = "bilinear"  # sampling mode
     K: int = 0  # control points of a thin-plate spline
-    kernel: int = 0  # side of a deformable convolution's kernel
+    kernel: int = 0  # side of a deformable convolution's kernel, or of a blur pooling's binomial taps
     levels: tuple[tuple[int, int], ...] = ()  # multi-scale deformable attention: the levels' (H, W)
     heads: int = 0  # attention heads (C is then the channels of one head)
     points: int = 0  # sampling points per head and level
@@ -98,6 +100,12 @@ SHAPES: dict[str, BenchShape] = {
     "roi_maskrcnn_box_det": replace(_MASK_RCNN_BOX, deterministic=True),
     "roi_maskrcnn_mask_det": replace(_MASK_RCNN_MASK, deterministic=True),
     "roi_maskrcnn_targets_det": replace(_MASK_RCNN_TARGETS, deterministic=True),
+    # Anti-aliased ResNet-50 (antialiased-cnns): the stem's MaxBlurPool on 64 x 112 x 112 and the
+    # downsampling BlurPools of layers 2 and 3 (256 x 56 x 56, 512 x 28 x 28), at batch 32; each
+    # also as the other op at the same shape.
+    **{f"{name}_r50_c{c}": BenchShape(op, 32, c, (side, side), kernel=3)
+       for name, op in (("blur", "blur_pool2d"), ("maxblur", "max_blur_pool2d"))
+       for c, side in ((64, 112), (256, 56), (512, 28))},
     # The notebook's classifier (notebooks/stn_distorted_mnist.ipynb) on 42x42 digits, at batch 256.
     "stn_mnist_step": BenchShape("SpatialTransformer", 256, 1, (42, 42)),
     # A ResNet-50 bottleneck (1024 -> 256 -> 256 -> 1024) with a DCNv2 3x3 conv: dcn_r50's op in a block.

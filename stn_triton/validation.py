@@ -501,3 +501,51 @@ def multi_scale_roi_align_problem(features, boxes, output_size, sampling_ratio, 
             or any(_number_problem("scales", s) is not None or s <= 0 for s in scales)):
         return ArgumentError(f"scales must hold one positive number per feature map ({len(features)}), got {scales!r}")
     return None
+
+
+BLUR_PADDING_MODES = ("zeros", "reflect", "replicate")
+# The longest binomial blur and the widest max window a side: each is unrolled into the kernels.
+BLUR_SIZE_LIMIT = 16
+
+
+def blur_options_problem(kernel_size, stride, padding_mode, max_pool_size=1, ceil_mode=False) -> Problem:
+    """The options of blur_pool2d / max_blur_pool2d (and their modules): blur taps and max window of 1
+    to BLUR_SIZE_LIMIT a side (ints or pairs), a positive stride, a padding mode, a bool ceil_mode."""
+    try:
+        sizes = {"kernel_size": int_pair("kernel_size", kernel_size), "stride": int_pair("stride", stride),
+                 "max_pool_size": int_pair("max_pool_size", max_pool_size)}
+    except ArgumentTypeError as problem:
+        return problem
+    for name in ("kernel_size", "max_pool_size"):
+        if not all(1 <= s <= BLUR_SIZE_LIMIT for s in sizes[name]):
+            return ArgumentError(f"{name} must be from 1 to {BLUR_SIZE_LIMIT} a side, got {sizes[name]}")
+    if min(sizes["stride"]) < 1:
+        return ArgumentError(f"stride must be positive, got {sizes['stride']}")
+    if padding_mode not in BLUR_PADDING_MODES:
+        return ArgumentError(f"padding_mode must be one of {BLUR_PADDING_MODES}, got {padding_mode!r}")
+    if not isinstance(ceil_mode, bool):
+        return ArgumentTypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
+    return None
+
+
+def blur_pool_problem(input, kernel_size, stride, padding_mode, max_pool_size=1, ceil_mode=False) -> Problem:
+    """blur_pool2d / max_blur_pool2d arguments: a floating-point [N, C, H, W] input, the options, a
+    max window no larger than the input, and for reflect padding an axis longer than its padding
+    (PyTorch's reflection pad rule)."""
+    problem = tensor_problem("input", input, (4,)) or blur_options_problem(kernel_size, stride, padding_mode,
+                                                                          max_pool_size, ceil_mode)
+    if problem is not None:
+        return problem
+    (kh, kw), (mh, mw) = int_pair("kernel_size", kernel_size), int_pair("max_pool_size", max_pool_size)
+    h, w = input.shape[2:]
+    pooled = (mh, mw) != (1, 1)
+    if h < mh or w < mw or h * w == 0:
+        what = f"input for max_pool_size {(mh, mw)}" if pooled else "input"
+        return ArgumentError(f"{what} must have at least {mh} x {mw} pixels, got input of shape {tuple(input.shape)}")
+    if padding_mode == "reflect" and (kh // 2 >= h - mh + 1 or kw // 2 >= w - mw + 1):
+        return ArgumentError(
+            f"padding_mode='reflect' pads kernel_size // 2 = {(kh // 2, kw // 2)} pixels, which must be less than "
+            f"the {'max-pooled ' if pooled else ''}input's size {(h - mh + 1, w - mw + 1)} (input of shape "
+            f"{tuple(input.shape)})"
+        )
+    return None

@@ -228,6 +228,21 @@ def ours_roi_align(masks, rois, *, out_size):
     return stn_triton.roi_align(masks, rois, out_size, 1.0, -1, False)
 
 
+def blur_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
+    """input [N, C, H, W]."""
+    return {"input": image(shape, dtype, device, layout, gen)}
+
+
+def ours_blur_pool2d(input, *, kernel):
+    """Anti-aliased downsampling at stride 2, zero padding (kornia's blur_pool2d)."""
+    return stn_triton.blur_pool2d(input, kernel, 2)
+
+
+def ours_max_blur_pool2d(input, *, kernel):
+    """A 2 x 2 max at stride 1, then the blur at stride 2 (kornia's max_blur_pool2d)."""
+    return stn_triton.max_blur_pool2d(input, kernel, 2, 2)
+
+
 def workload(shape: BenchShape):
     """(make_inputs, call, grad_inputs) of the stn_triton op a benchmark shape times: ``call(**inputs)``
     returns its output, ``grad_inputs`` the inputs a backward takes gradients of. A training-step
@@ -256,4 +271,8 @@ def workload(shape: BenchShape):
                 tuple(f"p{level}" for level in range(len(shape.levels))))
     if op == "roi_align":
         return mask_target_inputs, functools.partial(ours_roi_align, out_size=shape.out_size), ()
+    if op == "blur_pool2d":
+        return blur_inputs, functools.partial(ours_blur_pool2d, kernel=shape.kernel), ("input",)
+    if op == "max_blur_pool2d":
+        return blur_inputs, functools.partial(ours_max_blur_pool2d, kernel=shape.kernel), ("input",)
     raise ValueError(f"no workload for op {op!r}")

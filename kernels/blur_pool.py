@@ -1,0 +1,219 @@
+"""Anti-aliased downsampling (Zhang, ICML 2019): an optional max over a window at stride 1, a binomial
+blur, then the stride, forward and backward, one kernel each.
+
+The max map ``m[r, c] = max(x[r:r + MH, c:c + MW])`` (``MH = MW = 1``: the input itself, which is
+blur_pool2d) has ``HM = H - MH + 1`` rows and ``WM = W - MW + 1`` columns; output pixel (oh, ow)
+is ``sum_i sum_j a_i b_j m[pad(oh * SH + i - PT), pad(ow * SW + j - PL)]`` over the ``KH x KW``
+taps, with the binomial weights ``a_i = C(KH - 1, i) / 2^(KH - 1)`` (likewise b_j), ``PT = (KH -
+1) // 2`` rows of padding before and ``KH // 2`` after (kornia's and antialiased-cnns' amounts),
+and ``pad`` the padding mode: zeros (a tap outside reads 0), reflect (PyTorch's reflection pad:
+index -1 reads 1) or replicate (the edge row). Max windows follow F.max_pool2d: a NaN wins, and
+of equal values the first in row-major order does (the gradient goes there).
+
+``_blur_pool_kernel`` owns a ``[BLOCK_C, BLOCK_P]`` tile of one image's output (BLOCK_P output
+pixels in row-major order, BLOCK_C channels) and computes it in registers: the max windows, the
+taps and the stride, with only the strided output written; no padded or max-pooled copy exists.
+Tiles are gathered as sampling.py gathers, so a warp runs along the pixels on NCHW memory and
+along the channels on channels_last memory. With ROUTE it returns, in place of each window's
+maximum, the value of a second tensor at the window's argmax: the blur of ``d`` routed through
+x's argmaxes, which is the forward-mode tangent and the backward's own gradient.
+
+``_blur_pool_bwd_kernel`` is the gather form of the backward: a program owns a tile of input
+pixels and each pixel sums, in a fixed order, the gradient of every max window holding it whose
+argmax (recomputed from x) it is; a window's gradient is in turn gathered from the output
+pixels whose taps read it, with the weights summed over every tap that the padding maps onto it.
+Every element of grad_input is written once: no atomics, bitwise the same on every run.
+"""
+
+import triton
+import triton.language as tl
+
+from stn_triton.kernels import codes
+from stn_triton.kernels.sampling import as_index, gather, scatter, to_compute
+
+ZEROS = tl.constexpr(codes.ZEROS)
+REPLICATE = tl.constexpr(codes.BORDER)
+REFLECT = tl.constexpr(codes.REFLECTION)
+
+SIZES = ["N", "C", "H", "W", "OH", "OW"]
+
+
+@triton.jit
+def padded(q, size, PADDING: tl.constexpr):
+    """Index q of the padded axis -> (index into [0, size) it reads, whether it reads at all).
+
+    Zeros padding leaves q as it is (the caller masks the reads); reflect and replicate fold it in
+    (valid for q within one size of the axis, which the host's checks of the padding guarantee)."""
+    if PADDING == REFLECT:
+        q = tl.where(q < 0, -q, q)
+        q = tl.where(q >= size, 2 * (size - 1) - q, q)
+    elif PADDING == REPLICATE:
+        q = tl.minimum(tl.maximum(q, 0), size - 1)
+    return q, (q >= 0) & (q < size)
+
+
+@triton.jit
+def program_tile(ROWS, COLS, C, INDEX_64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's image n, BLOCK_P pixels (row, column) of a ROWS x COLS map in row-major order
+    with their mask, and BLOCK_C channels with theirs: program_id(0) walks the images' pixel tiles,
+    program_id(1) the channel blocks."""
+    tiles = tl.cdiv(ROWS * COLS, BLOCK_P)
+    n = as_index(tl.program_id(0) // tiles, INDEX_64)
+    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = as_index(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), INDEX_64)
+    return n, p // COLS, p % COLS, p < ROWS * COLS, c, c < C
+
+
+@triton.jit
+def window_max(x_c, d_c, rows, cols, sx_h, sx_w, sd_h, sd_w, mask,
+               MH: tl.constexpr, MW: tl.constexpr, ROUTE: tl.constexpr, F64: tl.constexpr):
+    """The max of each ``MH x MW`` window with top-left ``(rows, cols)`` [P], over channel pointers
+    ``x_c`` [C]; with ROUTE, d's value at the argmax instead. F.max_pool2d's rules: NaN wins, the
+    first of equal values in row-major order."""
+    best = to_compute(gather(x_c, rows * sx_h + cols * sx_w, mask), F64)
+    picked = best
+    if ROUTE:
+        picked = to_compute(gather(d_c, rows * sd_h + cols * sd_w, mask), F64)
+    for u in tl.static_range(MH):
+        for v in tl.static_range(MW):
+            if u + v > 0:
+                value = to_compute(gather(x_c, (rows + u) * sx_h + (cols + v) * sx_w, mask), F64)
+                take = (value > best) | (value != value)
+                best = tl.where(take, value, best)
+                if ROUTE:
+                    routed = to_compute(gather(d_c, (rows + u) * sd_h + (cols + v) * sd_w, mask), F64)
+                    picked = tl.where(take, routed, picked)
+    if ROUTE:
+        return picked
+    else:
+        return best
+
+
+@triton.jit(do_not_specialize=SIZES)
+def _blur_pool_kernel(
+    x_ptr,  # [N, C, H, W] input (any strides)
+    d_ptr,  # [N, C, H, W] ROUTE: the values routed through x's argmaxes (any strides); else unused
+    y_ptr,  # [N, C, OH, OW] out (any strides)
+    N, C, H, W,  # input size
+    OH, OW,  # output size: floor((H - MH) / SH) + 1 by floor((W - MW) / SW) + 1
+    sx_n, sx_c, sx_h, sx_w,  # input strides
+    sd_n, sd_c, sd_h, sd_w,  # routed tensor's strides
+    sy_n, sy_c, sy_h, sy_w,  # output strides
+    KH: tl.constexpr, KW: tl.constexpr,  # blur taps a column, a row
+    SH: tl.constexpr, SW: tl.constexpr,  # the stride
+    MH: tl.constexpr, MW: tl.constexpr,  # the max window (1 x 1: no max)
+    PADDING: tl.constexpr,  # codes.ZEROS, codes.REFLECTION (reflect) or codes.BORDER (replicate)
+    ROUTE: tl.constexpr,  # read d at x's argmaxes instead of x's maxima
+    F64: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    n, oh, ow, p_mask, c, c_mask = program_tile(OH, OW, C, INDEX_64, BLOCK_C, BLOCK_P)
+    HM = H - MH + 1
+    WM = W - MW + 1
+    x_c = x_ptr + n * sx_n + c * sx_c
+    d_c = d_ptr + n * sd_n + c * sd_c
+    acc = to_compute(tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32), F64)
+    # The unnormalized tap weights C(K - 1, i), stepped along the taps (integers, exact in float32).
+    a = 1.0
+    for i in tl.static_range(KH):
+        rows, row_ok = padded(oh * SH + (i - (KH - 1) // 2), HM, PADDING)
+        b = 1.0
+        for j in tl.static_range(KW):
+            cols, col_ok = padded(ow * SW + (j - (KW - 1) // 2), WM, PADDING)
+            ok = p_mask & row_ok & col_ok
+            mask = c_mask[:, None] & ok[None, :]
+            value = window_max(x_c, d_c, rows, cols, sx_h, sx_w, sd_h, sd_w, mask, MH, MW, ROUTE, F64)
+            acc += tl.where(mask, value, 0.0) * (a * b)
+            b = b * (KW - 1 - j) / (j + 1)
+        a = a * (KH - 1 - i) / (i + 1)
+    # The binomial rows sum to 2^(K - 1): one exact power-of-two scale normalizes the weights.
+    acc = acc * (1.0 / (2 ** (KH - 1) * 2 ** (KW - 1)))
+    y_c = y_ptr + n * sy_n + c * sy_c
+    out_mask = c_mask[:, None] & p_mask[None, :]
+    scatter(y_c, oh * sy_h + ow * sy_w, acc.to(y_ptr.dtype.element_ty), out_mask)
+
+
+@triton.jit
+def tap_weights(o, r, size, S: tl.constexpr, K: tl.constexpr, PADDING: tl.constexpr):
+    """The summed unnormalized weight of the taps of output index ``o`` that read index ``r`` of an
+    axis of ``size`` (every tap the padding maps onto r)."""
+    weight = r * 0.0
+    a = 1.0
+    for i in tl.static_range(K):
+        q, _ = padded(o * S + (i - (K - 1) // 2), size, PADDING)
+        weight += tl.where(q == r, a, 0.0)
+        a = a * (K - 1 - i) / (i + 1)
+    return weight
+
+
+@triton.jit
+def window_grad(gy_c, r, col, valid_r, valid_c, mask, OH, OW, HM, WM, sg_h, sg_w,
+                KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                TH: tl.constexpr, TW: tl.constexpr, LIFT_H: tl.constexpr, LIFT_W: tl.constexpr,
+                PADDING: tl.constexpr, F64: tl.constexpr):
+    """The unnormalized gradient of max-map element (r, col) [P]: grad_output gathered from the TH x TW
+    output pixels whose taps can read it (the highest ``(r + PT) // SH + LIFT`` and the ones below)."""
+    top = (r + (KH - 1) // 2) // SH + LIFT_H
+    left = (col + (KW - 1) // 2) // SW + LIFT_W
+    total = to_compute(tl.zeros(mask.shape, dtype=tl.float32), F64)
+    for t in tl.static_range(TH):
+        oh = top - t
+        wy = tl.where(valid_r & (oh >= 0) & (oh < OH), tap_weights(oh, r, HM, SH, KH, PADDING), 0.0)
+        for s in tl.static_range(TW):
+            ow = left - s
+            wx = tl.where(valid_c & (ow >= 0) & (ow < OW), tap_weights(ow, col, WM, SW, KW, PADDING), 0.0)
+            w = wy * wx
+            g = to_compute(gather(gy_c, oh * sg_h + ow * sg_w, mask & (w != 0)[None, :]), F64)
+            total += g * w[None, :]
+    return total
+
+
+@triton.jit(do_not_specialize=SIZES)
+def _blur_pool_bwd_kernel(
+    x_ptr,  # [N, C, H, W] input (any strides): the max windows' argmaxes are recomputed from it
+    gy_ptr,  # [N, C, OH, OW] grad_output (any strides, stride 0 too)
+    gx_ptr,  # [N, C, H, W] out: grad_input (any strides)
+    N, C, H, W,  # input size
+    OH, OW,  # output size
+    sx_n, sx_c, sx_h, sx_w,  # input strides
+    sg_n, sg_c, sg_h, sg_w,  # grad_output strides
+    sgx_n, sgx_c, sgx_h, sgx_w,  # grad_input strides
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr,
+    PADDING: tl.constexpr,  # as the forward's
+    TH: tl.constexpr, TW: tl.constexpr,  # output rows (columns) whose taps can read one max-map row (column)
+    LIFT_H: tl.constexpr, LIFT_W: tl.constexpr,  # 1 where reflection folds a row onto the next output row up
+    F64: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    n, r, col, p_mask, c, c_mask = program_tile(H, W, C, INDEX_64, BLOCK_C, BLOCK_P)
+    HM = H - MH + 1
+    WM = W - MW + 1
+    x_c = x_ptr + n * sx_n + c * sx_c
+    gy_c = gy_ptr + n * sg_n + c * sg_c
+    acc = to_compute(tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32), F64)
+    for a in tl.static_range(MH):
+        for b in tl.static_range(MW):
+            # The window with top-left (r - a, col - b) holds this pixel at (a, b).
+            wr = r - a
+            wc = col - b
+            valid_r = (wr >= 0) & (wr < HM)
+            valid_c = (wc >= 0) & (wc < WM)
+            mask = c_mask[:, None] & (p_mask & valid_r & valid_c)[None, :]
+            hit = mask
+            if MH * MW > 1:
+                best = to_compute(gather(x_c, wr * sx_h + wc * sx_w, mask), F64)
+                arg = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.int32)
+                for u in tl.static_range(MH):
+                    for v in tl.static_range(MW):
+                        if u + v > 0:
+                            value = to_compute(gather(x_c, (wr + u) * sx_h + (wc + v) * sx_w, mask), F64)
+                            take = (value > best) | (value != value)
+                            best = tl.where(take, value, best)
+                            arg = tl.where(take, u * MW + v, arg)
+                hit = mask & (arg == a * MW + b)
+            g = window_grad(gy_c, wr, wc, valid_r, valid_c, hit, OH, OW, HM, WM, sg_h, sg_w,
+                            KH, KW, SH, SW, TH, TW, LIFT_H, LIFT_W, PADDING, F64)
+            acc += tl.where(hit, g, 0.0)
+    acc = acc * (1.0 / (2 ** (KH - 1) * 2 ** (KW - 1)))
+    gx_c = gx_ptr + n * sgx_n + c * sgx_c
+    scatter(gx_c, r * sgx_h + col * sgx_w, acc.to(gx_ptr.dtype.element_ty), c_mask[:, None] & p_mask[None, :])
