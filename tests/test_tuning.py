@@ -240,6 +240,7 @@ def test_a_launch_binds_arguments_by_name_with_its_config(monkeypatch):
 def test_every_kernel_launch_goes_through_a_tuned_kernel():
     """Each Triton kernel the ops launch has a config space, a heuristic and declared writes."""
     import stn_triton.kernels.affine_grid as affine_grid_kernels
+    import stn_triton.kernels.blur_pool as blur_kernels
     import stn_triton.kernels.deform_conv as dcn_kernels
     import stn_triton.kernels.ms_deform_attn as attention_kernels
     import stn_triton.kernels.roi as roi_kernels
@@ -248,7 +249,8 @@ def test_every_kernel_launch_goes_through_a_tuned_kernel():
 
     launched = {
         getattr(module, name)
-        for module in (dcn_kernels, sample_kernels, affine_grid_kernels, sorted_kernels, attention_kernels, roi_kernels)
+        for module in (dcn_kernels, sample_kernels, affine_grid_kernels, sorted_kernels, attention_kernels, roi_kernels,
+                       blur_kernels)
         for name in dir(module)
         if name.startswith("_") and name.endswith("_kernel")
     }
@@ -299,7 +301,15 @@ def _in_space(config: triton.Config, tuned: tuning.TunedKernel) -> bool:
 def test_every_heuristic_picks_a_config_of_its_space():
     """A heuristic's config is one the space times too, so the tuned table (which accepts only configs
     of the space) can only improve on it."""
-    from stn_triton.ops import affine_grid, deform_conv_configs, ms_deform_attn, roi, sample_configs, sorted_scatter
+    from stn_triton.ops import (
+        affine_grid,
+        blur_pool,
+        deform_conv_configs,
+        ms_deform_attn,
+        roi,
+        sample_configs,
+        sorted_scatter,
+    )
 
     checked = set()
     for channels in (1, 3, 4, 5, 16, 32, 64, 256):
@@ -335,6 +345,9 @@ def test_every_heuristic_picks_a_config_of_its_space():
     for channels in (1, 3, 8, 16, 33, 64, 256, 1024):
         for nhwc in (False, True):
             for tuned in (roi.fwd_kernel, roi.bwd_kernel, roi.pixels_kernel):
+                assert _in_space(tuned.heuristic(channels=channels, nhwc=nhwc), tuned), (tuned.name, channels, nhwc)
+                checked.add(tuned.name)
+            for tuned in (blur_pool.fwd_kernel, blur_pool.bwd_kernel):
                 assert _in_space(tuned.heuristic(channels=channels, nhwc=nhwc), tuned), (tuned.name, channels, nhwc)
                 checked.add(tuned.name)
     assert checked == {kernel.name for kernel in tuning.REGISTRY}, "every tuned kernel's heuristic is checked"
