@@ -83,6 +83,8 @@ def _analyse() -> list[dict]:
         "deform_roi_pool": lambda: stn_triton.deform_roi_pool(x, rois, roi_offset, (2, 2), 0.5, 2, 0.1, roi_mask),
         "multi_scale_roi_align": lambda: stn_triton.multi_scale_roi_align(
             [x, x[:, :, ::2, ::2]], [rois[:2, 1:] * 8, rois[2:, 1:] * 8], (2, 2), 2, [0.25, 0.125]),
+        "blur_pool2d": lambda: stn_triton.blur_pool2d(x, 3, 2),
+        "max_blur_pool2d": lambda: stn_triton.max_blur_pool2d(x, 3, 2, 2),
     }
     results = []
     for label, call in calls.items():
