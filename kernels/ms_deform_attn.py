@@ -22,7 +22,14 @@ buffers and the tap list), so no shape ever travels to the host. A location inde
 ``l * sl_l + (first + p) * sl_p`` serves both layouts: ``[.., L, P, 2]`` (sl_l the level stride,
 first 0) and RT-DETRv2's per-level counts ``[.., sum P_l, 2]`` (sl_l = 0, first the running sum).
 
-The loads that decide grad_value's atomic addresses (levels, locations) stay in the kernel body:
+With GRID the queries are the output pixels of a deformable convolution (DCNv3 / DCNv4: one level,
+``value`` the input ``[N, H * W, G, D]``, a query per output pixel ``(q // WO, q % WO)``) and the
+locations are its learnt offsets in pixels: point j reads ``origin + pixel * stride + tap_j + s *
+offset_j`` (``taps_ptr`` holds each point's kernel tap ``s * (i * dilation - half)``, and ``s``, the
+offset scale), as InternImage's and DCNv4's kernels compute it, in pixels with integer centres,
+which is grid_sample's read at ``(x + 0.5) / W`` (zero padding, align_corners=False).
+
+The loads that decide grad_value's atomic addresses (levels, locations, taps) stay in the kernel body:
 torch.compile's mutation analysis counts a pointer passed to a helper as written when the
 helper's result addresses a store (see transforms.py).
 """
@@ -31,7 +38,7 @@ import triton
 import triton.language as tl
 
 from stn_triton.kernels import codes
-from stn_triton.kernels.sampling import BILINEAR, ZEROS, as_index, source_coordinate, tap, to_compute
+from stn_triton.kernels.sampling import BILINEAR, ZEROS, as_index, keep_indexable, source_coordinate, tap, to_compute
 
 FORWARD = tl.constexpr(codes.FORWARD)
 BACKWARD = tl.constexpr(codes.BACKWARD)
@@ -39,7 +46,7 @@ LIST_TAPS = tl.constexpr(codes.LIST_TAPS)
 
 # Sizes that change between layers and never matter to the compiled code. D (a head's channels) is
 # left to Triton's specialization: its divisibility by 16 is what makes the channel rows aligned.
-SIZES = ["S", "LQ", "M", "L", "TP"]
+SIZES = ["S", "LQ", "M", "L", "TP", "WO"]
 
 
 @triton.jit
@@ -60,6 +67,18 @@ def pixel_point(loc_x, loc_y, W, H):
     return x, y, dx * 2, dy * 2
 
 
+@triton.jit
+def point_pixels(loc_x, loc_y, tap_x, tap_y, scale, base_x, base_y, W, H, GRID: tl.constexpr):
+    """A point's pixel coordinates and d pixel / d location: of a location in [0, 1]^2
+    (``pixel_point``), or with GRID of an offset in pixels from the query's kernel tap."""
+    if GRID:
+        x = keep_indexable(base_x + tap_x + scale * loc_x)
+        y = keep_indexable(base_y + tap_y + scale * loc_y)
+        return x, y, scale, scale
+    else:
+        return pixel_point(loc_x, loc_y, W, H)
+
+
 @triton.jit(do_not_specialize=SIZES)
 def _ms_deform_attn_kernel(
     value_ptr,  # [N, S, M, D] values of every level, rows of level l from its start
@@ -71,20 +90,25 @@ def _ms_deform_attn_kernel(
     y_ptr,  # FORWARD: [N, Lq, M * D] out
     gy_ptr,  # BACKWARD, LIST_TAPS: gradient of the output, any strides (0 included)
     gvalue_ptr,  # BACKWARD, VALUE_GRAD: zero-filled [N, S, M, D] contiguous, compute dtype, added atomically
-    gloc_ptr,  # BACKWARD, LOC_GRAD: [N, Lq, M, TP, 2] contiguous out, compute dtype
+    gloc_ptr,  # BACKWARD, LOC_GRAD: [N, Lq, M, TP, 2] out (strides below), compute dtype
     gattn_ptr,  # BACKWARD, ATTN_GRAD: [N, Lq, M, TP] contiguous out, compute dtype (SOFTMAX: of the logits)
     key_ptr,  # LIST_TAPS: [N, Lq, M, TP, 4] int32 or int64 out: offset in grad_value of each corner's row, -1 if it misses
     weight_ptr,  # LIST_TAPS: [N, Lq, M, TP, 4] out: the corner's weight (attention times bilinear)
     source_ptr,  # LIST_TAPS: [N, Lq, M, TP] int64 out: offset in gy of the query's head
+    taps_ptr,  # GRID: [TP, 3] compute dtype: each point's kernel tap (x, y) times the offset scale, and the scale
     S, LQ, M, D, L, TP,  # value rows per image, queries, heads, channels per head, levels, points per head
+    WO, grid_sh, grid_sw, grid_oy, grid_ox,  # GRID: output width, the convolution's strides and origin (half - pad)
     sv_n, sv_s, sv_m, sv_d,  # value strides
     ss_l, ss_c, sst_l,  # shapes and starts strides
     sl_n, sl_q, sl_m, sl_l, sl_p, sl_c,  # location strides (sl_l = 0 for per-level point counts)
     sa_n, sa_q, sa_m, sa_l, sa_p,  # attention weight strides (likewise)
     sy_n, sy_q, sy_c,  # output strides
     sgy_n, sgy_q, sgy_c,  # grad_output strides
+    sgl_q, sgl_m,  # gloc_ptr's (image * LQ + query) and head strides (points contiguous)
     PASS: tl.constexpr,  # FORWARD, BACKWARD or LIST_TAPS
     SOFTMAX: tl.constexpr,  # attn_ptr holds logits: softmax over the head's TP points first
+    GRID: tl.constexpr,  # a deformable convolution: locations are offsets from the output pixels' kernel taps
+    PACKED: tl.constexpr,  # DCNv4's offset_mask: a head's TP weights follow its 2 * TP offsets, in gloc_ptr too
     VALUE_GRAD: tl.constexpr,  # BACKWARD: scatter into gvalue_ptr
     LOC_GRAD: tl.constexpr,  # BACKWARD: write gloc_ptr
     ATTN_GRAD: tl.constexpr,  # BACKWARD: write gattn_ptr
@@ -101,7 +125,17 @@ def _ms_deform_attn_kernel(
     loc_rows = loc_ptr + n * sl_n + q * sl_q + m * sl_m
     attn_rows = attn_ptr + n * sa_n + q * sa_q + m * sa_m
     value_head = value_ptr + n * sv_n + m * sv_m
-    heads = (n * LQ + q) * M + m  # the (image, query, head) row of the gradient buffers and the tap list
+    heads = (n * LQ + q) * M + m  # the (image, query, head) row of the tap list
+    loc_grads = gloc_ptr + (n * LQ + q) * sgl_q + m * sgl_m
+    if PACKED:
+        attn_grads = loc_grads + 2 * TP
+    else:
+        attn_grads = gattn_ptr + heads * TP
+    base_x = to_compute(tl.zeros([BLOCK_Q], dtype=tl.float32), F64)  # GRID: the output pixel's first tap
+    base_y = base_x
+    if GRID:
+        base_x += grid_ox + (q % WO) * grid_sw
+        base_y += grid_oy + (q // WO) * grid_sh
 
     row_max = to_compute(tl.zeros([BLOCK_Q], dtype=tl.float32), F64)
     row_sum = row_max + 1
@@ -128,9 +162,14 @@ def _ms_deform_attn_kernel(
                 start = tl.load(starts_ptr + level * sst_l)
                 for p in range(0, tl.load(points_ptr + 3 * level)):
                     point = tl.load(points_ptr + 3 * level + 1) + p
+                    j = tl.load(points_ptr + 3 * level + 2) + p
                     loc = loc_rows + level * sl_l + point * sl_p
-                    x, y, _, _ = pixel_point(to_compute(tl.load(loc, mask=q_mask, other=0.0), F64),
-                                             to_compute(tl.load(loc + sl_c, mask=q_mask, other=0.0), F64), W, H)
+                    tap_x, tap_y, scale = 0.0, 0.0, 1.0
+                    if GRID:
+                        tap_x, tap_y, scale = tl.load(taps_ptr + 3 * j), tl.load(taps_ptr + 3 * j + 1), tl.load(taps_ptr + 3 * j + 2)
+                    x, y, _, _ = point_pixels(to_compute(tl.load(loc, mask=q_mask, other=0.0), F64),
+                                              to_compute(tl.load(loc + sl_c, mask=q_mask, other=0.0), F64),
+                                              tap_x, tap_y, scale, base_x, base_y, W, H, GRID)
                     a = softmax_weight(to_compute(tl.load(attn_rows + level * sa_l + point * sa_p, mask=q_mask,
                                                           other=0.0), F64), row_max, row_sum, SOFTMAX)
                     for t in tl.static_range(4):
@@ -152,8 +191,12 @@ def _ms_deform_attn_kernel(
                 point = tl.load(points_ptr + 3 * level + 1) + p
                 j = tl.load(points_ptr + 3 * level + 2) + p
                 loc = loc_rows + level * sl_l + point * sl_p
-                x, y, _, _ = pixel_point(to_compute(tl.load(loc, mask=q_mask, other=0.0), F64),
-                                         to_compute(tl.load(loc + sl_c, mask=q_mask, other=0.0), F64), W, H)
+                tap_x, tap_y, scale = 0.0, 0.0, 1.0
+                if GRID:
+                    tap_x, tap_y, scale = tl.load(taps_ptr + 3 * j), tl.load(taps_ptr + 3 * j + 1), tl.load(taps_ptr + 3 * j + 2)
+                x, y, _, _ = point_pixels(to_compute(tl.load(loc, mask=q_mask, other=0.0), F64),
+                                          to_compute(tl.load(loc + sl_c, mask=q_mask, other=0.0), F64),
+                                          tap_x, tap_y, scale, base_x, base_y, W, H, GRID)
                 a = softmax_weight(to_compute(tl.load(attn_rows + level * sa_l + point * sa_p, mask=q_mask,
                                                       other=0.0), F64), row_max, row_sum, SOFTMAX)
                 read = heads64 * TP + j
@@ -175,8 +218,12 @@ def _ms_deform_attn_kernel(
                 point = tl.load(points_ptr + 3 * level + 1) + p
                 j = tl.load(points_ptr + 3 * level + 2) + p
                 loc = loc_rows + level * sl_l + point * sl_p
-                x, y, dx_dloc, dy_dloc = pixel_point(to_compute(tl.load(loc, mask=q_mask, other=0.0), F64),
-                                                     to_compute(tl.load(loc + sl_c, mask=q_mask, other=0.0), F64), W, H)
+                tap_x, tap_y, scale = 0.0, 0.0, 1.0
+                if GRID:
+                    tap_x, tap_y, scale = tl.load(taps_ptr + 3 * j), tl.load(taps_ptr + 3 * j + 1), tl.load(taps_ptr + 3 * j + 2)
+                x, y, dx_dloc, dy_dloc = point_pixels(to_compute(tl.load(loc, mask=q_mask, other=0.0), F64),
+                                                      to_compute(tl.load(loc + sl_c, mask=q_mask, other=0.0), F64),
+                                                      tap_x, tap_y, scale, base_x, base_y, W, H, GRID)
                 a = softmax_weight(to_compute(tl.load(attn_rows + level * sa_l + point * sa_p, mask=q_mask,
                                                       other=0.0), F64), row_max, row_sum, SOFTMAX)
                 # d loss / d (sample, x, y) of this point, per element first and reduced once per point.
@@ -203,13 +250,12 @@ def _ms_deform_attn_kernel(
                             g_sample += weight[:, None] * v_grad
                             g_x += dwx[:, None] * v_grad
                             g_y += dwy[:, None] * v_grad
-                read = heads * TP + j
                 if LOC_GRAD:
-                    tl.store(gloc_ptr + read * 2, a * dx_dloc * tl.sum(g_x, axis=1), mask=q_mask)
-                    tl.store(gloc_ptr + read * 2 + 1, a * dy_dloc * tl.sum(g_y, axis=1), mask=q_mask)
+                    tl.store(loc_grads + j * 2, a * dx_dloc * tl.sum(g_x, axis=1), mask=q_mask)
+                    tl.store(loc_grads + j * 2 + 1, a * dy_dloc * tl.sum(g_y, axis=1), mask=q_mask)
                 if ATTN_GRAD:
                     g_a = tl.sum(g_sample, axis=1)
-                    tl.store(gattn_ptr + read, g_a, mask=q_mask)
+                    tl.store(attn_grads + j, g_a, mask=q_mask)
                     dot += a * g_a
         if ATTN_GRAD and SOFTMAX:
             # Through the softmax: d/d logit_j = a_j (g_j - sum_k a_k g_k), from the weights' gradients
@@ -221,6 +267,5 @@ def _ms_deform_attn_kernel(
                     j = tl.load(points_ptr + 3 * level + 2) + p
                     a = softmax_weight(to_compute(tl.load(attn_rows + level * sa_l + point * sa_p, mask=q_mask,
                                                           other=0.0), F64), row_max, row_sum, SOFTMAX)
-                    read = heads * TP + j
-                    g_a = tl.load(gattn_ptr + read, mask=q_mask, other=0.0)
-                    tl.store(gattn_ptr + read, a * (g_a - dot), mask=q_mask)
+                    g_a = tl.load(attn_grads + j, mask=q_mask, other=0.0)
+                    tl.store(attn_grads + j, a * (g_a - dot), mask=q_mask)

@@ -63,6 +63,19 @@ class AttnBackwardSpec:
         return cls(AttnSpec.from_op_args(args[:2]), *args[2:])
 
 
+class Grid(NamedTuple):
+    """A deformable convolution's queries: its output pixels, each point an offset from a kernel tap
+    (kernels/ms_deform_attn.py, GRID)."""
+
+    taps: torch.Tensor  # [TP, 3] compute dtype: each point's kernel tap (x, y) times the offset scale, the scale
+    width: int  # output width
+    stride_h: int
+    stride_w: int
+    origin_y: int  # the first output pixel's centre: half the dilated kernel minus the padding
+    origin_x: int
+    packed: bool  # DCNv4's offset_mask: each head's weights after its offsets, one gradient buffer for both
+
+
 class Levels(NamedTuple):
     """The levels as the kernel reads them, on the value's device."""
 
@@ -129,7 +142,7 @@ def heuristic(channels: int, rows: int, backward: bool, device: torch.device) ->
     return triton.Config({"BLOCK_Q": block_q, "BLOCK_D": block_d}, num_warps=4)
 
 
-AUTOTUNE_KEY = ["D", "PASS", "SOFTMAX", "VALUE_GRAD", "LOC_GRAD", "ATTN_GRAD", "F64"]
+AUTOTUNE_KEY = ["D", "PASS", "SOFTMAX", "GRID", "PACKED", "VALUE_GRAD", "LOC_GRAD", "ATTN_GRAD", "F64"]
 fwd_kernel = TunedKernel("ms_deform_attn_fwd", _ms_deform_attn_kernel, CONFIGS, heuristic, AUTOTUNE_KEY,
                          writes=("y_ptr",), interpreter_config=INTERPRETER_CONFIG)
 bwd_kernel = TunedKernel("ms_deform_attn_bwd", _ms_deform_attn_kernel, CONFIGS, heuristic, AUTOTUNE_KEY,
@@ -151,29 +164,34 @@ def _point_strides(prefix: str, t: torch.Tensor, per_level: bool) -> dict[str, i
     return dict(zip((f"{prefix}_n", f"{prefix}_q", f"{prefix}_m", f"{prefix}_l", f"{prefix}_p", f"{prefix}_c"), strides))
 
 
-def _arguments(value, levels: Levels, loc, attn, spec: AttnSpec) -> dict:
+def _arguments(value, levels: Levels, loc, attn, spec: AttnSpec, grid: Optional[Grid]) -> dict:
     """The arguments every pass shares; a pointer a pass does not use gets ``loc`` as a stand-in."""
     n, s, m, d = value.shape
     per_level = loc.dim() == 5
     tp = loc.shape[3] if per_level else loc.shape[3] * loc.shape[4]
     stand_in = loc
+    geometry = dict(taps_ptr=stand_in, WO=1, grid_sh=0, grid_sw=0, grid_oy=0, grid_ox=0)
+    if grid is not None:
+        geometry = dict(taps_ptr=grid.taps, WO=grid.width, grid_sh=grid.stride_h, grid_sw=grid.stride_w,
+                        grid_oy=grid.origin_y, grid_ox=grid.origin_x)
     return dict(
         value_ptr=value, shapes_ptr=levels.shapes, starts_ptr=levels.starts, points_ptr=levels.points, loc_ptr=loc,
         attn_ptr=attn, y_ptr=stand_in, gy_ptr=stand_in, gvalue_ptr=stand_in, gloc_ptr=stand_in, gattn_ptr=stand_in,
-        key_ptr=stand_in, weight_ptr=stand_in, source_ptr=stand_in,
+        key_ptr=stand_in, weight_ptr=stand_in, source_ptr=stand_in, **geometry,
         S=s, LQ=loc.shape[1], M=m, D=d, L=levels.points.shape[0], TP=tp,
         **dict(zip(("sv_n", "sv_s", "sv_m", "sv_d"), value.stride())),
         ss_l=levels.shapes.stride(0), ss_c=levels.shapes.stride(1), sst_l=levels.starts.stride(0),
         **_point_strides("sl", loc, per_level), **_point_strides("sa", attn, per_level),
-        sy_n=0, sy_q=0, sy_c=0, sgy_n=0, sgy_q=0, sgy_c=0,
-        PASS=codes.FORWARD, SOFTMAX=spec.softmax, VALUE_GRAD=False, LOC_GRAD=False, ATTN_GRAD=False,
+        sy_n=0, sy_q=0, sy_c=0, sgy_n=0, sgy_q=0, sgy_c=0, sgl_q=0, sgl_m=0,
+        PASS=codes.FORWARD, SOFTMAX=spec.softmax, GRID=grid is not None, PACKED=grid is not None and grid.packed,
+        VALUE_GRAD=False, LOC_GRAD=False, ATTN_GRAD=False,
         F64=torch.float64 in (value.dtype, loc.dtype, attn.dtype), INDEX_64=False, EVEN_D=False,
     )
 
 
-def _key(pass_: str, value, loc, spec: AttnSpec) -> str:
+def _key(pass_: str, value, loc, spec: AttnSpec, grid: Optional[Grid]) -> str:
     return f"{pass_}|{value.dtype}|{loc.dtype}|d{bucket(value.shape[3])}|q{bucket(value.shape[0] * loc.shape[1])}" \
-           f"|softmax{spec.softmax}"
+           f"|softmax{spec.softmax}" + ("" if grid is None else f"|grid{grid.taps.shape[0]}|packed{grid.packed}")
 
 
 def _grid(value, loc):
@@ -186,14 +204,15 @@ def _shape(value, loc, backward: bool) -> dict:
                 device=value.device)
 
 
-def attention_forward(value, shapes, starts, points, loc, attn, spec: AttnSpec) -> torch.Tensor:
-    """value [N, S, M, D] -> [N, Lq, M * D] (see ``stn_triton.ms_deform_attn``)."""
+def attention_forward(value, shapes, starts, points, loc, attn, spec: AttnSpec, grid: Optional[Grid] = None):
+    """value [N, S, M, D] -> [N, Lq, M * D] (see ``stn_triton.ms_deform_attn``; with ``grid`` a
+    deformable convolution's aggregation, ops/dcnv3.py)."""
     n, _, m, d = value.shape
     out = value.new_empty((n, loc.shape[1], m * d), dtype=spec.out_dtype)
     if out.numel() == 0:
         return out
-    launch = fwd_kernel.choose(_key("fwd", value, loc, spec), _shape(value, loc, False), value.device)
-    args = _arguments(value, Levels(shapes, starts, points), loc, attn, spec)
+    launch = fwd_kernel.choose(_key("fwd", value, loc, spec, grid), _shape(value, loc, False), value.device)
+    args = _arguments(value, Levels(shapes, starts, points), loc, attn, spec, grid)
     args.update(y_ptr=out, sy_n=out.stride(0), sy_q=out.stride(1), sy_c=out.stride(2),
                 EVEN_D=d % launch.most("BLOCK_D") == 0, INDEX_64=needs_int64(value, loc, attn, out))
     launch(_grid(value, loc), **args)
@@ -202,38 +221,52 @@ def attention_forward(value, shapes, starts, points, loc, attn, spec: AttnSpec) 
 
 def attention_backward(grad_output, value, shapes, starts, points, loc, attn, spec: AttnBackwardSpec):
     """(grad_value, grad_locations, grad_weights); one not asked for is an empty tensor."""
-    n, s, m, d = value.shape
+    n, _, m, _ = value.shape
     levels_ = Levels(shapes, starts, points)
-    args = _arguments(value, levels_, loc, attn, spec.attn)
-    tp = args["TP"]
+    tp = loc.shape[3] if loc.dim() == 5 else loc.shape[3] * loc.shape[4]
     queries = loc.shape[1]
-    atomic = spec.value_grad and not spec.deterministic
     empty = value.new_empty
-    grad_value = torch.zeros((n, s, m, d), dtype=compute_dtype(value.dtype), device=value.device) if atomic else empty(0)
     grad_loc = torch.zeros((n, queries, m, tp, 2), dtype=compute_dtype(loc.dtype), device=loc.device) \
         if spec.loc_grad else empty(0)
     grad_attn = torch.zeros((n, queries, m, tp), dtype=compute_dtype(attn.dtype), device=attn.device) \
         if spec.attn_grad else empty(0)
-    work = n * queries * m * tp > 0 and d > 0
-    args.update(gy_ptr=grad_output, sgy_n=grad_output.stride(0), sgy_q=grad_output.stride(1),
-                sgy_c=grad_output.stride(2))
-    if work and (atomic or spec.loc_grad or spec.attn_grad):
-        launch = bwd_kernel.choose(_key("bwd" if atomic else "bwd-points", value, loc, spec.attn),
-                                   _shape(value, loc, True), value.device)
-        # Never written unless asked for; one-element stand-ins, since the autotuner zeroes gvalue_ptr.
-        args.update(PASS=codes.BACKWARD, VALUE_GRAD=atomic, LOC_GRAD=spec.loc_grad, ATTN_GRAD=spec.attn_grad,
-                    gvalue_ptr=grad_value if atomic else empty(1), gloc_ptr=grad_loc if spec.loc_grad else empty(1),
-                    gattn_ptr=grad_attn if spec.attn_grad else empty(1), EVEN_D=d % launch.most("BLOCK_D") == 0,
-                    INDEX_64=needs_int64(grad_output, value, loc, attn, grad_value, grad_loc, grad_attn))
-        launch(_grid(value, loc), **args)
-    if atomic:
-        grad_value = grad_value.to(value.dtype)
-    elif spec.value_grad:
-        grad_value = _deterministic_grad_value(grad_output, value, loc, spec.attn, args)
+    grad_value = points_backward(grad_output, value, levels_, loc, attn, spec, None, grad_loc, grad_attn,
+                                 (m * tp * 2, tp * 2))
     return grad_value, grad_loc.to(loc.dtype), grad_attn.to(attn.dtype)
 
 
-def _deterministic_grad_value(grad_output, value, loc, spec: AttnSpec, args: dict) -> torch.Tensor:
+def points_backward(grad_output, value, levels_: Levels, loc, attn, spec: AttnBackwardSpec, grid: Optional[Grid],
+                    grad_loc, grad_attn, loc_strides: tuple[int, int]) -> torch.Tensor:
+    """The backward kernel: the points' gradients into ``grad_loc`` (its (image * Lq + query) and
+    head strides ``loc_strides``; with ``grid.packed`` the weights' too) and ``grad_attn``, each
+    written when the spec asks for it; returns grad_value (value's dtype; empty when not asked for)."""
+    n, s, m, d = value.shape
+    args = _arguments(value, levels_, loc, attn, spec.attn, grid)
+    atomic = spec.value_grad and not spec.deterministic
+    empty = value.new_empty
+    grad_value = torch.zeros((n, s, m, d), dtype=compute_dtype(value.dtype), device=value.device) if atomic else empty(0)
+    work = n * loc.shape[1] * m * args["TP"] > 0 and d > 0
+    args.update(gy_ptr=grad_output, sgy_n=grad_output.stride(0), sgy_q=grad_output.stride(1),
+                sgy_c=grad_output.stride(2))
+    if work and (atomic or spec.loc_grad or spec.attn_grad):
+        launch = bwd_kernel.choose(_key("bwd" if atomic else "bwd-points", value, loc, spec.attn, grid),
+                                   _shape(value, loc, True), value.device)
+        # Never written unless asked for; one-element stand-ins, since the autotuner zeroes gvalue_ptr.
+        packed = grid is not None and grid.packed
+        args.update(PASS=codes.BACKWARD, VALUE_GRAD=atomic, LOC_GRAD=spec.loc_grad, ATTN_GRAD=spec.attn_grad,
+                    gvalue_ptr=grad_value if atomic else empty(1), gloc_ptr=grad_loc if spec.loc_grad else empty(1),
+                    gattn_ptr=grad_attn if spec.attn_grad and not packed else empty(1),
+                    sgl_q=loc_strides[0], sgl_m=loc_strides[1], EVEN_D=d % launch.most("BLOCK_D") == 0,
+                    INDEX_64=needs_int64(grad_output, value, loc, attn, grad_value, grad_loc, grad_attn))
+        launch(_grid(value, loc), **args)
+    if atomic:
+        return grad_value.to(value.dtype)
+    if spec.value_grad:
+        return _deterministic_grad_value(grad_output, value, loc, spec.attn, grid, args)
+    return grad_value
+
+
+def _deterministic_grad_value(grad_output, value, loc, spec: AttnSpec, grid: Optional[Grid], args: dict):
     """grad_value without atomics: every (query, head, point, corner) read listed with its row of
     grad_value, then each row's reads summed in a fixed order (ops/sorted_scatter.py)."""
     n, s, m, d = value.shape
@@ -244,7 +277,7 @@ def _deterministic_grad_value(grad_output, value, loc, spec: AttnSpec, args: dic
     keys = torch.empty(reads * 4, dtype=key_dtype(grad_value.numel()), device=value.device)
     weights = torch.empty(reads * 4, dtype=compute_dtype(value.dtype), device=value.device)
     sources = torch.empty(reads, dtype=torch.int64, device=value.device)
-    key = _key("taps", value, loc, spec)
+    key = _key("taps", value, loc, spec, grid)
     launch = taps_kernel.choose(key, _shape(value, loc, True), value.device)
     args.update(PASS=codes.LIST_TAPS, VALUE_GRAD=False, LOC_GRAD=False, ATTN_GRAD=False, key_ptr=keys,
                 weight_ptr=weights, source_ptr=sources, INDEX_64=needs_int64(value, loc, args["attn_ptr"]))
