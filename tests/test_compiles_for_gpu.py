@@ -88,6 +88,23 @@ def _calls() -> dict:
             return lambda: stn_triton.deform_roi_pool(x, rois, offset, (2, 3), 1.0, 0, 0.1, mask)
         return lambda: stn_triton.roi_align(x, rois, (3, 2), 0.5, 2, True)
 
+    def blur(dtype, max_pool, channels_last=False):
+        x = rand(2, 5, 9, 10, dtype=dtype)
+        if channels_last:
+            x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+        if max_pool:
+            return lambda: stn_triton.max_blur_pool2d(x, 3, 2, 2)
+        return lambda: stn_triton.blur_pool2d(x, 4, 2, padding_mode="reflect")
+
+    def dcn(dtype, packed):
+        from stn_triton.ops.dcnv3 import DcnSpec, dcn_aggregate
+
+        spec = DcnSpec(3, 3, 1, 1, 1, 1, 1, 1, 2, 1.0, packed, packed, False, dtype)
+        x = rand(2, 6, 7, 32, dtype=dtype)
+        offset = rand(2, 6, 7, 56 if packed else 36, dtype=dtype, lo=-2.0, hi=2.0)
+        mask = None if packed else rand(2, 6, 7, 18, dtype=dtype, lo=0.0)
+        return lambda: dcn_aggregate(x, offset, mask, spec)
+
     def affine_grid(dtype, nd):
         theta = rand(2, nd, nd + 1, dtype=dtype)
         return lambda: stn_triton.affine_grid(theta, (2, 3, *([5] * nd)))
@@ -125,6 +142,10 @@ def _calls() -> dict:
         "deform_roi_pool-fp32": (roi(torch.float32, "deform"), False, False),
         "deform_roi_pool-fp64-det": (roi(torch.float64, "deform"), True, False),
         "multi_scale_roi_align-fp32-det": (roi(torch.float32, "align", levels=2), True, False),
+        "blur_pool-fp32-reflect": (blur(torch.float32, False), False, False),
+        "max_blur_pool-bf16-nhwc": (blur(torch.bfloat16, True, channels_last=True), False, False),
+        "dcnv3-bf16": (dcn(torch.bfloat16, False), False, False),
+        "dcnv4-fp32-remove-center-det": (dcn(torch.float32, True), True, False),
         # Sizes Triton specializes arriving as the constant 1: a depthwise layer, one output pixel.
         "deform-fp32-depthwise-1px": (deform(torch.float32, channels=8, groups=8, offset_groups=8, size=1), True, False),
     }
