@@ -235,3 +235,45 @@ def test_deform_conv2d_computes_in_float32_and_returns_the_inputs_dtype(autocast
         tolerance = 1e-4 if got.dtype == torch.float32 else 1e-2
         torch.testing.assert_close(got.double(), want, atol=tolerance * scale, rtol=tolerance,
                                    msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+def _blur_composition(x, window, padding_mode):
+    """kornia's max_blur_pool2d / blur_pool2d as composed ops: F.max_pool2d at stride 1 (window > 1),
+    the padded copy, the depthwise binomial F.conv2d at stride 2, where autocast casts."""
+    if window > 1:
+        x = F.max_pool2d(x, window, stride=1)
+    x = F.pad(x, (1, 1, 1, 1), mode="constant" if padding_mode == "zeros" else padding_mode)
+    taps = fallback.binomial_kernel(3, x.dtype, x.device)
+    return F.conv2d(x, (taps[:, None] * taps[None, :]).expand(x.shape[1], 1, 3, 3), stride=2, groups=x.shape[1])
+
+
+BLURS = [
+    pytest.param(lambda x: stn_triton.blur_pool2d(x, 3, 2, "reflect"), 1, "reflect", id="blur_pool2d"),
+    pytest.param(lambda x: stn_triton.max_blur_pool2d(x, 3, 2, 2), 2, "zeros", id="max_blur_pool2d"),
+]
+
+
+@pytest.mark.parametrize("autocast_dtype", AUTOCAST_DTYPES)
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("ours_fn, window, padding_mode", BLURS)
+def test_blur_pools_take_the_compositions_dtype(ours_fn, window, padding_mode, input_dtype, autocast_dtype):
+    """The composition's conv2d returns the autocast dtype (float64 stays); ours computes in float32
+    from the input as it is and rounds once, and the gradient reaches the input in its dtype."""
+    gen = generator(7)
+    x = randn((2, 3, 7, 9), gen, input_dtype)
+    composition = lambda a: _blur_composition(a, window, padding_mode)  # noqa: E731
+    with _autocast(DEVICE, autocast_dtype):
+        ours, (grad_x,), grad = _run(ours_fn, (x,))
+        theirs, (their_grad_x,), _ = _run(composition, (x,))
+    assert ours.dtype == theirs.dtype == (torch.float64 if input_dtype == torch.float64 else autocast_dtype)
+    assert grad_x.dtype == their_grad_x.dtype == input_dtype
+    assert ours.is_contiguous() and grad_x.is_contiguous()
+    leaf = _leaf(x.double())
+    reference = composition(leaf)
+    (ref_grad_x,) = torch.autograd.grad(reference, (leaf,), grad.double())
+    if input_dtype == torch.float64:
+        assert_close_scaled(ours, reference.detach(), 1e-12, "output")
+        assert_close_scaled(grad_x, ref_grad_x, 1e-12, "grad input")
+    else:
+        _assert_in_its_dtype(ours, theirs, reference)
+        _assert_in_its_dtype(grad_x, their_grad_x, ref_grad_x, "grad input")

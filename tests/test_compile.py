@@ -57,13 +57,17 @@ def _cases():
                                                                                    torch.float64, CUDA))),
         "multi_scale_roi_align": (lambda a, b: stn_triton.multi_scale_roi_align(
             [a, b], [rois[:3, 1:] * 8, rois[3:, 1:] * 8], (2, 2), 2, [0.25, 0.125]), (x, x[:, :, ::2, ::2])),
+        "blur_pool2d": (lambda a: stn_triton.blur_pool2d(a, 4, 2, "reflect"), (x,)),
+        "max_blur_pool2d": (lambda a: stn_triton.max_blur_pool2d(a, 3, (2, 1), 2, padding_mode="replicate"),
+                            (x.contiguous(memory_format=torch.channels_last),)),
     }
 
 
 # The names of _cases(), whose tensors are built per test, on the GPU.
 IDS = ["grid_sample", "grid_sample-3d", "affine_grid", "affine_grid_sample", "affine_grid_sample-3d",
        "perspective_grid_sample", "tps_grid_sample", "warp_affine", "warp_perspective", "deform_conv2d",
-       "ms_deform_attn", "roi_align", "ps_roi_align", "deform_roi_pool", "multi_scale_roi_align"]
+       "ms_deform_attn", "roi_align", "ps_roi_align", "deform_roi_pool", "multi_scale_roi_align", "blur_pool2d",
+       "max_blur_pool2d"]
 
 
 def _run(fn, tensors):
@@ -190,3 +194,21 @@ def test_opcheck_roi_pool_ops():
             torch.library.opcheck(ops.roi_backward_op, (grad, rois, lv, off if off is None else off.detach(),
                                                         m if m is None else m.detach(), *detached, *spec, True,
                                                         off is not None, m is not None, deterministic))
+
+
+def test_opcheck_blur_pool_ops():
+    from stn_triton.kernels import codes
+    from stn_triton.ops import blur_pool as ops
+
+    gen = generator(26)
+    x = randn((2, 3, 7, 9), gen, torch.float32, CUDA).requires_grad_()
+    routed = randn((2, 3, 7, 9), gen, torch.float32, CUDA).requires_grad_()
+    # (routed, window, padding): the plain blur, the max-blur, and the routed blur its autograd runs.
+    cases = [(None, [1, 1], codes.REFLECTION), (None, [2, 2], codes.ZEROS), (routed, [2, 2], codes.BORDER)]
+    for d, window, padding in cases:
+        spec = ([3, 3], [2, 2], window, padding, torch.float32)
+        torch.library.opcheck(ops.blur_pool_op, (x, d, *spec))
+        out = ops.blur_pool_op(x, d, *spec)
+        grad = torch.randn_like(out).requires_grad_()
+        kept = x.detach() if window != [1, 1] else None
+        torch.library.opcheck(ops.blur_pool_backward_op, (grad, kept, *spec, [7, 9], torch.float32, False))

@@ -37,10 +37,14 @@ def test_functions_script_and_equal_their_eager_calls():
         (stn_triton.warp_affine, (x, M, [5, 6], "bilinear", "fill", True, torch.full((3,), 0.5, device=DEVICE))),
         (stn_triton.warp_perspective, (x, torch.cat([M, M[:, :1] * 0 + torch.tensor([0.0, 0.0, 1.0], device=DEVICE)], 1),
                                        [5, 6])),
+        (stn_triton.blur_pool2d, (x, 4, 1, "reflect")),
+        (stn_triton.max_blur_pool2d, (x, [3, 2], [2, 1], [2, 3], False, "replicate")),
     ]
     for fn, args in calls:
         torch.testing.assert_close(script(fn)(*args), fn(*args), msg=fn.__name__)
     torch.testing.assert_close(script(stn_triton.grid_sample)(x, grid), F.grid_sample(x, grid, align_corners=False))
+    torch.testing.assert_close(script(stn_triton.max_blur_pool2d)(x),
+                               stn_triton.fallback.blur_pool(x, (3, 3), (2, 2), (2, 2), "zeros", x.dtype))
 
 
 def test_deform_conv2d_scripts_as_torchvisions_does():
@@ -60,6 +64,8 @@ def test_deform_conv2d_scripts_as_torchvisions_does():
     pytest.param(lambda: stn_triton.SpatialTransformer(4, (5, 5)), id="SpatialTransformer-affine"),
     pytest.param(lambda: stn_triton.SpatialTransformer(4, (5, 5), transform="projective"), id="projective"),
     pytest.param(lambda: stn_triton.SpatialTransformer(4, (5, 5), transform="tps", num_control_points=9), id="tps"),
+    pytest.param(lambda: stn_triton.BlurPool2d(4, 2, "reflect"), id="BlurPool2d"),
+    pytest.param(lambda: stn_triton.MaxBlurPool2d((3, 2), 1, 2, padding_mode="replicate"), id="MaxBlurPool2d"),
 ])
 def test_modules_script_and_train_as_their_eager_selves(make):
     torch.manual_seed(0)
