@@ -26,6 +26,7 @@ from stn_triton.ops import ms_deform_attn as _attention_op
 from stn_triton.ops import roi as _roi_op
 from stn_triton.ops import sample as _sample_op
 from stn_triton.ops import warp as _warp_op
+from stn_triton.ops._dispatch import constant
 
 MODES = validation.MODES
 PADDING_MODES = validation.PADDING_MODES
@@ -208,7 +209,7 @@ def tps_grid_sample_solved(input, source_points, control_points, solver, size, m
 @functools.lru_cache(maxsize=64)
 def _zero_fill(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The default fill value: zeros, one tensor per (channels, dtype, device), never written."""
-    return torch.zeros(channels, dtype=dtype, device=device)
+    return constant([0.0] * channels, dtype, device)
 
 
 def _fill(src: torch.Tensor, padding_mode: str, fill_value) -> torch.Tensor | None:

@@ -27,6 +27,14 @@ from torch.autograd import forward_ad
 is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
+def constant(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of host ``values`` for a cache (the ops' device tables): made outside any torch.func
+    transform, whose ``torch.tensor`` would wrap it for the transform's level, and a cached wrapper
+    outlives its level (the next call outside the transform would get it)."""
+    with torch._C._DisableFuncTorch():
+        return torch.tensor(values, dtype=dtype, device=device)
+
+
 def transformed() -> bool:
     """A torch.func transform (vmap, grad, jacrev, ...) or a forward-AD level is active: a call must go
     through its Function, whose vmap and jvp rules handle them (the bare kernels cannot)."""

@@ -25,7 +25,7 @@ import torch
 from torch.library import triton_op
 
 from stn_triton.numerics import compute_dtype
-from stn_triton.ops._dispatch import OpRules, call, fold, no_forward_ad, per_sample, unfold
+from stn_triton.ops._dispatch import OpRules, call, constant, fold, no_forward_ad, per_sample, unfold
 from stn_triton.ops.ms_deform_attn import (
     AttnBackwardSpec,
     AttnSpec,
@@ -105,10 +105,9 @@ def _tables(height: int, width: int, spec: DcnSpec, dtype: torch.dtype, device: 
     its point table, and the taps ``[K, 3]`` (tap x and y times the offset scale, the scale) in the
     compute dtype."""
     scale = spec.offset_scale
-    taps = torch.tensor([(scale * x, scale * y, scale) for x, y in spec.taps()], dtype=dtype, device=device)
-    return (torch.tensor([[height, width]], dtype=torch.int64, device=device),
-            torch.zeros(1, dtype=torch.int64, device=device),
-            torch.tensor([[spec.points, 0, 0]], dtype=torch.int32, device=device), taps)
+    return (constant([[height, width]], torch.int64, device), constant([0], torch.int64, device),
+            constant([[spec.points, 0, 0]], torch.int32, device),
+            constant([(scale * x, scale * y, scale) for x, y in spec.taps()], dtype, device))
 
 
 def tables(input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], spec: DcnSpec):

@@ -26,7 +26,7 @@ from torch.library import triton_op
 from stn_triton.kernels import codes
 from stn_triton.kernels.ms_deform_attn import _ms_deform_attn_kernel
 from stn_triton.numerics import cdiv, compute_dtype, next_power_of_2
-from stn_triton.ops._dispatch import OpRules, call, fold, no_forward_ad, per_sample, unfold
+from stn_triton.ops._dispatch import OpRules, call, constant, fold, no_forward_ad, per_sample, unfold
 from stn_triton.ops._launch import multiprocessors, needs_int64
 from stn_triton.ops.sorted_scatter import key_dtype, scatter_sorted
 from stn_triton.tuning import TunedKernel, bucket
@@ -90,8 +90,7 @@ def _list_levels(shapes: tuple, device: torch.device) -> tuple[torch.Tensor, tor
     starts = [0]
     for h, w in shapes[:-1]:
         starts.append(starts[-1] + h * w)
-    return (torch.tensor(shapes, dtype=torch.int64, device=device),
-            torch.tensor(starts, dtype=torch.int64, device=device))
+    return constant(shapes, torch.int64, device), constant(starts, torch.int64, device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -103,7 +102,7 @@ def _point_table(points: tuple, per_level: bool, device: torch.device) -> torch.
     for count in points[:-1]:
         firsts.append(firsts[-1] + count)
     rows = [(count, first if per_level else 0, first) for count, first in zip(points, firsts)]
-    return torch.tensor(rows, dtype=torch.int32, device=device)
+    return constant(rows, torch.int32, device)
 
 
 def levels(value: torch.Tensor, spatial_shapes, level_start_index, points: tuple, per_level: bool) -> Levels:
