@@ -1,4 +1,4 @@
-"""stn_triton: fused Triton kernels for spatial transformers, deformable convolution and attention, RoI pooling,
+"""stn_triton: fused Triton kernels for spatial transformers, deformable convolution and attention, DCNv3 / DCNv4, RoI pooling,
 blur pooling and CoordConv."""
 
 from stn_triton import scripting, swap  # noqa: F401  (scripting registers the TorchScript ops)
@@ -7,6 +7,8 @@ from stn_triton.functional import (
     affine_grid,
     affine_grid_sample,
     blur_pool2d,
+    dcnv3,
+    dcnv4,
     deform_conv2d,
     deform_roi_pool,
     grid_sample,
@@ -24,6 +26,8 @@ from stn_triton.nn import (
     AddCoords,
     BlurPool2d,
     CoordConv2d,
+    DCNv3,
+    DCNv4,
     DeformConv2d,
     DeformRoIPool,
     DeformRoIPoolPack,
@@ -41,6 +45,8 @@ __all__ = [
     "AddCoords",
     "BlurPool2d",
     "CoordConv2d",
+    "DCNv3",
+    "DCNv4",
     "DeformConv2d",
     "DeformRoIPool",
     "DeformRoIPoolPack",
@@ -56,6 +62,8 @@ __all__ = [
     "affine_grid_sample",
     "backend",
     "blur_pool2d",
+    "dcnv3",
+    "dcnv4",
     "deform_conv2d",
     "deform_roi_pool",
     "grid_sample",

@@ -1,4 +1,4 @@
-"""Plain PyTorch implementations of the fused warps, deformable convolution, deformable attention, RoI pooling and blur pooling.
+"""Plain PyTorch implementations of the fused warps, deformable convolution, deformable attention, DCNv3 / DCNv4, RoI pooling and blur pooling.
 
 These run when a CPU tensor is used without ``TRITON_INTERPRET=1`` (see ``stn_triton.backend``):
 they build the sampling grid (or the column buffer) in memory and call ``F.grid_sample`` (or a
@@ -294,3 +294,40 @@ def blur_pool(input, kernel_size, stride, window, padding_mode: str, out_dtype: 
         out = F.conv2d(x, weight.expand(c, 1, kh, kw), stride=stride, groups=c)
     fmt = torch.channels_last if channels_last(input) else torch.contiguous_format
     return out.to(out_dtype).contiguous(memory_format=fmt)
+
+
+def dcn_aggregate(input, offset, mask, spec) -> torch.Tensor:
+    """DCNv3's / DCNv4's aggregation as InternImage's pure-PyTorch core writes it: each group's
+    channels as an image, one ``F.grid_sample`` (bilinear, zeros, align_corners=False) of every
+    output pixel's K points (its kernel taps moved by ``offset_scale`` times the offsets, x first),
+    weighted by the mask (``spec.softmax``: softmaxed over the group's points) and summed. The
+    padding is a shift of the points (grid_sample's zeros outside are the zero padding), not a
+    padded copy. input [N, H, W, G * D], ``spec`` a DcnSpec -> [N, Ho, Wo, G * D]; in float32
+    (float64 when a tensor is float64)."""
+    n, h, w, c = input.shape
+    g, k = spec.group, spec.points
+    ho, wo = spec.output_size(h, w)
+    tensors = (input, offset) if mask is None else (input, offset, mask)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    if spec.packed:
+        rows = offset[..., :g * 3 * k].reshape(n, ho, wo, g, 3 * k)
+        offsets, weights = rows[..., :2 * k].reshape(n, ho, wo, g, k, 2), rows[..., 2 * k:]
+    else:
+        offsets, weights = offset.reshape(n, ho, wo, g, k, 2), mask.reshape(n, ho, wo, g, k)
+    weights = weights.to(dtype)
+    if spec.softmax:
+        weights = weights.softmax(-1)
+    taps = torch.tensor(spec.taps(), dtype=dtype, device=input.device)
+    xs = torch.arange(wo, dtype=dtype, device=input.device) * spec.stride_w + (
+        spec.dilation_w * (spec.kernel_w - 1) // 2 - spec.pad_w)
+    ys = torch.arange(ho, dtype=dtype, device=input.device) * spec.stride_h + (
+        spec.dilation_h * (spec.kernel_h - 1) // 2 - spec.pad_h)
+    centres = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[:, :, None, None]
+    points = centres + spec.offset_scale * (taps + offsets.to(dtype))
+    size = torch.tensor([w, h], dtype=dtype, device=input.device)
+    grid = finite_grid((2 * points + 1) / size - 1).permute(0, 3, 1, 2, 4, 5).reshape(n * g, ho * wo, k, 2)
+    image = input.to(dtype).permute(0, 3, 1, 2).reshape(n * g, c // g, h, w)
+    samples = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    weights = weights.permute(0, 3, 1, 2, 4).reshape(n * g, 1, ho * wo, k)
+    out = (samples * weights).sum(-1).view(n, c, ho, wo).permute(0, 2, 3, 1)
+    return out.to(spec.out_dtype).contiguous()

@@ -21,6 +21,7 @@ from stn_triton.kernels import codes
 from stn_triton.numerics import compute_dtype
 from stn_triton.ops import affine_grid as _affine_grid_op
 from stn_triton.ops import blur_pool as _blur_pool_op
+from stn_triton.ops import dcnv3 as _dcn_op
 from stn_triton.ops import deform_conv as _deform_conv_op
 from stn_triton.ops import ms_deform_attn as _attention_op
 from stn_triton.ops import roi as _roi_op
@@ -352,6 +353,55 @@ def ms_deform_attn(
     return _without_autocast(device_type, _attention_op.ms_deform_attn, value, spatial_shapes, level_start_index,
                              sampling_locations, attention_weights, points, softmax, out_dtype)
 
+
+
+def _dcn(input, offset, mask, geometry: tuple, group, group_channels, offset_scale, remove_center, softmax,
+         packed: bool) -> torch.Tensor:
+    _raise(validation.dcn_problem(input, offset, mask, *geometry, group, group_channels, offset_scale, remove_center,
+                                  softmax, packed))
+    spec = _dcn_op.DcnSpec(*geometry, group, float(offset_scale), bool(remove_center), packed, softmax, input.dtype)
+    op = fallback.dcn_aggregate if backend(input) == TORCH else _dcn_op.dcn_aggregate
+    return _without_autocast(input.device.type, op, input, offset, mask, spec)
+
+
+def dcnv3(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
+          stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
+          offset_scale: float, remove_center: bool = False) -> torch.Tensor:
+    """DCNv3 (InternImage): the deformable aggregation of ``DCNv3Function`` / ``dcnv3_core_pytorch``
+    in one kernel, no sampling grid in memory.
+
+    input ``[N, H, W, C]`` (C = group * group_channels; any strides: a dense NHWC tensor and an
+    NCHW-strided view are read in place), offset ``[N, Ho, Wo, group * K * 2]`` ((x, y) per point,
+    in pixels), mask ``[N, Ho, Wo, group * K]`` (already softmaxed, as InternImage's module does),
+    K = kernel_h * kernel_w points (one fewer with ``remove_center``, which needs an odd kernel) in
+    x-major tap order. Output pixel (i, j), group g, channel d: the sum over the points p of
+    ``mask_p * bilinear(input[..., g, d], (x_p, y_p))``, zeros outside the image (the zero padding),
+    with ``x_p = j * stride_w + (dilation_w * (kernel_w - 1)) // 2 - pad_w + offset_scale * (tap_x_p
+    + offset_x_p)`` in pixels (tap_x_p the point's kernel column times dilation_w, from the centre)
+    and y_p alike. ``pad_h`` pads the height
+    (InternImage's CUDA kernel's meaning; its PyTorch core swaps pad_h and pad_w when they differ).
+    Returns ``[N, Ho, Wo, C]`` (Ho, Wo a convolution's) in input's dtype, also inside autocast, as
+    the CUDA op; computed in float32 (float64 when a tensor is float64), each tensor read in its
+    own dtype. Gradients for input, offset and mask (deterministic under
+    ``torch.use_deterministic_algorithms(True)``); non-finite offsets read and write nothing.
+    """
+    return _dcn(input, offset, mask, (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w),
+                group, group_channels, offset_scale, remove_center, False, False)
+
+
+def dcnv4(input: torch.Tensor, offset_mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
+          pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
+          offset_scale: float, remove_center: bool = False, softmax: bool = False) -> torch.Tensor:
+    """DCNv4 (FlashInternImage): ``dcnv3``'s aggregation with DCNv4's packed ``offset_mask``
+    ``[N, Ho, Wo, L]``: for each group, its K * 2 offsets ((x, y) per point) then its K mask values,
+    the groups one after another, L >= group * 3 * K (DCNv4's modules pad it to a multiple of 8;
+    the padding is never read and gets a zero gradient). The mask values are used as they are
+    (DCNv4's default), or softmaxed over each group's K points in the kernel with ``softmax=True``.
+    Everything else, the output and the gradients (input and offset_mask) as ``dcnv3``'s.
+    """
+    return _dcn(input, offset_mask, None,
+                (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w), group, group_channels,
+                offset_scale, remove_center, softmax, True)
 
 def boxes_to_rois(boxes: Union[torch.Tensor, List[torch.Tensor]]) -> torch.Tensor:
     """torchvision's boxes as RoIs ``[K, 5]``: a tensor as it is, a list of ``[L_i, 4]`` tensors (one

@@ -1,5 +1,5 @@
 """nn.Modules built on the fused ops: the spatial transformer, deformable convolutions, multi-scale
-deformable attention and RoI pooling."""
+deformable attention, DCNv3 / DCNv4, RoI pooling, CoordConv and blur pooling."""
 
 import math
 import warnings
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn import init
 from torch.nn.modules.utils import _pair
@@ -729,3 +730,213 @@ class MaxBlurPool2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, max_pool_size={self.max_pool_size}, "
                 f"ceil_mode={self.ceil_mode}, padding_mode={self.padding_mode!r}")
+
+
+class ToChannelsLast(nn.Module):
+    """``[N, C, H, W]`` -> ``[N, H, W, C]`` (a permuted view): InternImage's ``to_channels_last``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+_DCN_ACTIVATIONS = {"ReLU": lambda: nn.ReLU(inplace=True), "SiLU": lambda: nn.SiLU(inplace=True), "GELU": nn.GELU}
+
+
+def _dcn_norm(channels: int, norm_layer: str) -> nn.Sequential:
+    """InternImage's ``build_norm_layer(channels, norm_layer, 'channels_first', 'channels_last')``:
+    its module indices, so that checkpoints' ``dw_conv.1.*`` keys load."""
+    if norm_layer == "LN":
+        return nn.Sequential(ToChannelsLast(), nn.LayerNorm(channels, eps=1e-6))
+    if norm_layer == "BN":
+        return nn.Sequential(nn.BatchNorm2d(channels), ToChannelsLast())
+    raise ValueError(f"norm_layer must be 'LN' or 'BN', got {norm_layer!r}")
+
+
+class _DcnModule(nn.Module):
+    """What DCNv3 and DCNv4 share: their options as attributes (InternImage's names), the center
+    feature scale, the repr."""
+
+    def _options(self, channels: int, kernel_size: int, stride: int, pad: int, dilation: int, group: int,
+                 offset_scale: float, center_feature_scale: bool, remove_center: bool) -> None:
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        if not isinstance(group, int) or isinstance(group, bool) or group < 1 or channels % group != 0:
+            raise ValueError(f"channels must be divisible by group, but got {channels} and {group}")
+        problem = validation.dcn_options_problem(kernel_size, kernel_size, stride, stride, pad, pad, dilation,
+                                                 dilation, group, channels // group, offset_scale, remove_center)
+        if problem is not None:
+            raise problem
+        self.offset_scale = offset_scale
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.dilation = dilation
+        self.pad = pad
+        self.group = group
+        self.group_channels = channels // group
+        self.center_feature_scale = bool(center_feature_scale)
+        self.remove_center = int(remove_center)
+
+    def _add_centre_scale(self) -> None:
+        """The center feature scale's parameters (zero: the gate starts at one half), after the layers."""
+        if self.center_feature_scale:
+            self.center_feature_scale_proj_weight = nn.Parameter(
+                torch.zeros((self.group, self.channels), dtype=torch.float))
+            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(self.group, dtype=torch.float))
+
+    def _scale_by_centre(self, x: torch.Tensor, x_proj: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """InternImage's center feature scale: a sigmoid gate per group from ``query`` blends the
+        aggregation ``x`` with the projected input ``x_proj``."""
+        scale = torch.sigmoid(F.linear(query, self.center_feature_scale_proj_weight,
+                                       self.center_feature_scale_proj_bias))
+        scale = scale[..., None].repeat(1, 1, 1, 1, self.channels // self.group).flatten(-2)
+        return x * (1 - scale) + x_proj * scale
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, pad={self.pad}, "
+                f"dilation={self.dilation}, group={self.group}, offset_scale={self.offset_scale}, "
+                f"center_feature_scale={self.center_feature_scale}, remove_center={bool(self.remove_center)}")
+
+
+class DCNv3(_DcnModule):
+    """InternImage's ``DCNv3`` module (ops_dcnv3/modules/dcnv3.py) on ``stn_triton.dcnv3``: same
+    constructor, parameter names, shapes and initialisation (an InternImage checkpoint's state_dict
+    loads unchanged) and the same forward: ``input_proj``, a depthwise convolution with norm and
+    activation making the offsets (``offset``) and the mask logits (``mask``, softmaxed over each
+    group's points), the aggregation, optionally the center feature scale, ``output_proj``.
+
+    ``forward(input [N, H, W, C])`` -> ``[N, H, W, C]`` (with the default stride 1 and ``pad =
+    (kernel_size - 1) // 2 * dilation``, as InternImage uses it). Unlike the CUDA module, any group
+    width works (a power of 2 is fastest; the same warning is given otherwise), on any GPU, on the
+    CPU and in bfloat16.
+    """
+
+    center_feature_scale: torch.jit.Final[bool]
+
+    def __init__(self, channels: int = 64, kernel_size: int = 3, dw_kernel_size: Optional[int] = None,
+                 stride: int = 1, pad: int = 1, dilation: int = 1, group: int = 4, offset_scale: float = 1.0,
+                 act_layer: str = "GELU", norm_layer: str = "LN", center_feature_scale: bool = False,
+                 remove_center: bool = False):
+        super().__init__()
+        self._options(channels, kernel_size, stride, pad, dilation, group, offset_scale, center_feature_scale,
+                      remove_center)
+        if act_layer not in _DCN_ACTIVATIONS:
+            raise ValueError(f"act_layer must be one of {tuple(_DCN_ACTIVATIONS)}, got {act_layer!r}")
+        if not _is_power_of_2(channels // group):
+            warnings.warn("You'd better set channels in DCNv3 to make the dimension of each attention head a power "
+                          "of 2 which is more efficient in our CUDA implementation.", stacklevel=2)
+        dw_kernel_size = dw_kernel_size if dw_kernel_size is not None else kernel_size
+        self.dw_kernel_size = dw_kernel_size
+        points = group * (kernel_size * kernel_size - self.remove_center)
+        self.dw_conv = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=dw_kernel_size, stride=1, padding=(dw_kernel_size - 1) // 2,
+                      groups=channels),
+            _dcn_norm(channels, norm_layer),
+            _DCN_ACTIVATIONS[act_layer](),
+        )
+        self.offset = nn.Linear(channels, points * 2)
+        self.mask = nn.Linear(channels, points)
+        self.input_proj = nn.Linear(channels, channels)
+        self.output_proj = nn.Linear(channels, channels)
+        self._reset_parameters()
+        self._add_centre_scale()
+
+    def _reset_parameters(self) -> None:
+        """InternImage's: offsets and mask logits start at zero (the plain kernel, a uniform mask), the
+        projections xavier with zero bias."""
+        for layer in (self.offset, self.mask):
+            init.constant_(layer.weight, 0.0)
+            init.constant_(layer.bias, 0.0)
+        for layer in (self.input_proj, self.output_proj):
+            init.xavier_uniform_(layer.weight)
+            init.constant_(layer.bias, 0.0)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        n, h, w, _ = input.shape
+        x = self.input_proj(input)
+        x_proj = x
+        x1 = self.dw_conv(input.permute(0, 3, 1, 2))
+        offset = self.offset(x1)
+        mask = F.softmax(self.mask(x1).reshape(n, h, w, self.group, -1), -1).reshape(n, h, w, -1).type(x.dtype)
+        x = functional.dcnv3(x, offset, mask, self.kernel_size, self.kernel_size, self.stride, self.stride, self.pad,
+                             self.pad, self.dilation, self.dilation, self.group, self.group_channels,
+                             self.offset_scale, bool(self.remove_center))
+        if self.center_feature_scale:
+            x = self._scale_by_centre(x, x_proj, x1)
+        return self.output_proj(x)
+
+
+class DCNv4(_DcnModule):
+    """FlashInternImage's ``DCNv4`` module (DCNv4_op/DCNv4/modules/dcnv4.py) on ``stn_triton.dcnv4``:
+    same constructor, parameter names, shapes and initialisation (a FlashInternImage checkpoint's
+    state_dict loads unchanged) and the same forward: ``value_proj``, one linear layer
+    (``offset_mask``, optionally after the depthwise ``offset_mask_dw``) making the packed offsets
+    and mask (its width ``ceil(3 K / 8) * 8``), the aggregation, optionally the center feature
+    scale, ``output_proj``.
+
+    ``forward(input [N, L, C], shape=None)`` -> ``[N, L, C]``; ``shape`` (H, W) with H * W = L
+    (None: a square, H = W = sqrt(L)). Unlike the CUDA module, any group width works (DCNv4's
+    asserts a multiple of 16), on any GPU, on the CPU and in bfloat16.
+    """
+
+    center_feature_scale: torch.jit.Final[bool]
+    without_pointwise: torch.jit.Final[bool]
+    has_dw: torch.jit.Final[bool]
+
+    def __init__(self, channels: int = 64, kernel_size: int = 3, stride: int = 1, pad: int = 1, dilation: int = 1,
+                 group: int = 4, offset_scale: float = 1.0, dw_kernel_size: Optional[int] = None,
+                 center_feature_scale: bool = False, remove_center: bool = False, output_bias: bool = True,
+                 without_pointwise: bool = False, **kwargs):
+        super().__init__()
+        self._options(channels, kernel_size, stride, pad, dilation, group, offset_scale, center_feature_scale,
+                      remove_center)
+        self.dw_kernel_size = dw_kernel_size
+        self.has_dw = dw_kernel_size is not None
+        self.without_pointwise = bool(without_pointwise)
+        self.K = group * (kernel_size * kernel_size - self.remove_center)
+        if dw_kernel_size is not None:
+            self.offset_mask_dw = nn.Conv2d(channels, channels, dw_kernel_size, stride=1,
+                                            padding=(dw_kernel_size - 1) // 2, groups=channels)
+        self.offset_mask = nn.Linear(channels, int(math.ceil(self.K * 3 / 8) * 8))
+        if not without_pointwise:
+            self.value_proj = nn.Linear(channels, channels)
+            self.output_proj = nn.Linear(channels, channels, bias=output_bias)
+        self._reset_parameters()
+        self._add_centre_scale()
+
+    def _reset_parameters(self) -> None:
+        """DCNv4's: offset_mask starts at zero, the projections xavier with zero bias."""
+        init.constant_(self.offset_mask.weight, 0.0)
+        init.constant_(self.offset_mask.bias, 0.0)
+        if not self.without_pointwise:
+            init.xavier_uniform_(self.value_proj.weight)
+            init.constant_(self.value_proj.bias, 0.0)
+            init.xavier_uniform_(self.output_proj.weight)
+            if self.output_proj.bias is not None:
+                init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(self, input: torch.Tensor, shape: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        n, length, c = input.shape
+        if shape is not None:
+            h, w = shape[0], shape[1]
+        else:
+            h = w = int(length ** 0.5)
+        x = input
+        if not self.without_pointwise:
+            x = self.value_proj(x)
+        x = x.reshape(n, h, w, -1)
+        offset_mask_input = input
+        if self.has_dw:
+            offset_mask_input = self.offset_mask_dw(input.view(n, h, w, c).permute(0, 3, 1, 2))
+            offset_mask_input = offset_mask_input.permute(0, 2, 3, 1).reshape(n, length, c)
+        offset_mask = self.offset_mask(offset_mask_input).reshape(n, h, w, -1)
+        x_proj = x
+        x = functional.dcnv4(x, offset_mask, self.kernel_size, self.kernel_size, self.stride, self.stride, self.pad,
+                             self.pad, self.dilation, self.dilation, self.group, self.group_channels,
+                             self.offset_scale, bool(self.remove_center))
+        if self.center_feature_scale:
+            x = self._scale_by_centre(x, x_proj, x)
+        x = x.reshape(n, length, -1)
+        if not self.without_pointwise:
+            x = self.output_proj(x)
+        return x

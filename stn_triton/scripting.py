@@ -38,6 +38,12 @@ _SCHEMAS = {
     "ms_deform_attn": ("ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor? level_start_index, "
                        "Tensor sampling_locations, Tensor attention_weights, int im2col_step=64, "
                        "int[]? points_per_level=None, bool softmax=False) -> Tensor"),
+    "dcnv3": ("dcnv3(Tensor input, Tensor offset, Tensor mask, int kernel_h, int kernel_w, int stride_h, int stride_w, "
+              "int pad_h, int pad_w, int dilation_h, int dilation_w, int group, int group_channels, float offset_scale, "
+              "bool remove_center=False) -> Tensor"),
+    "dcnv4": ("dcnv4(Tensor input, Tensor offset_mask, int kernel_h, int kernel_w, int stride_h, int stride_w, "
+              "int pad_h, int pad_w, int dilation_h, int dilation_w, int group, int group_channels, float offset_scale, "
+              "bool remove_center=False, bool softmax=False) -> Tensor"),
     "roi_align": ("roi_align(Tensor input, Tensor boxes, int[2] output_size, float spatial_scale=1.0, "
                   "int sampling_ratio=-1, bool aligned=False) -> Tensor"),
     "ps_roi_align": ("ps_roi_align(Tensor input, Tensor boxes, int[2] output_size, float spatial_scale=1.0, "
@@ -115,6 +121,21 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
     return torch.ops.stn_triton.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                                attention_weights, im2col_step, points_per_level, softmax)
 
+
+
+def dcnv3(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
+          stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
+          offset_scale: float, remove_center: bool = False) -> torch.Tensor:
+    return torch.ops.stn_triton.dcnv3(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                      dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
+
+
+def dcnv4(input: torch.Tensor, offset_mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
+          pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
+          offset_scale: float, remove_center: bool = False, softmax: bool = False) -> torch.Tensor:
+    return torch.ops.stn_triton.dcnv4(input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                      dilation_h, dilation_w, group, group_channels, offset_scale, remove_center,
+                                      softmax)
 
 def roi_align(input: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor]], output_size: BroadcastingList2[int],
               spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:

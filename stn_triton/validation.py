@@ -8,6 +8,7 @@ message names the argument, what it got and what it expects; the exception types
 the op replaced (``stn_triton.errors``).
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -379,6 +380,72 @@ def ms_deform_attn_problem(value, spatial_shapes, level_start_index, sampling_lo
                                  f"got {level_start_index.tolist()}")
     return None
 
+
+
+# --- DCNv3 / DCNv4 ------------------------------------------------------------------------------
+
+DCN_INT_OPTIONS = (("kernel_h", 1), ("kernel_w", 1), ("stride_h", 1), ("stride_w", 1), ("pad_h", 0), ("pad_w", 0),
+                   ("dilation_h", 1), ("dilation_w", 1), ("group", 1), ("group_channels", 1))
+
+
+def dcn_options_problem(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                        group_channels, offset_scale, remove_center) -> Problem:
+    """DCNv3's / DCNv4's geometry (and their modules'): ints with their least values, a finite
+    offset_scale, remove_center a bool (or InternImage's int 0 / 1) and then an odd kernel."""
+    values = dict(zip((name for name, _ in DCN_INT_OPTIONS),
+                      (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                       group_channels)))
+    for name, least in DCN_INT_OPTIONS:
+        value = values[name]
+        if not isinstance(value, int) or isinstance(value, bool):
+            return ArgumentTypeError(f"{name} must be an int, got {value!r}")
+        if value < least:
+            return ArgumentError(f"{name} must be >= {least}, got {value}")
+    if isinstance(offset_scale, bool) or not isinstance(offset_scale, (int, float)) or not math.isfinite(offset_scale):
+        return ArgumentTypeError(f"offset_scale must be a finite number, got {offset_scale!r}")
+    if remove_center not in (False, True) or not isinstance(remove_center, int):
+        return ArgumentTypeError(f"remove_center must be a bool (or 0 / 1), got {remove_center!r}")
+    if remove_center and (kernel_h % 2 == 0 or kernel_w % 2 == 0):
+        return ArgumentError(f"remove_center needs an odd kernel (it has a centre tap), got kernel_h={kernel_h}, "
+                             f"kernel_w={kernel_w}")
+    return None
+
+
+def dcn_problem(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+                group, group_channels, offset_scale, remove_center, softmax, packed: bool) -> Problem:
+    """dcnv3's (packed False: offset and mask) or dcnv4's (packed True: offset_mask in ``offset``,
+    mask None) arguments. The offsets and masks are read in their own floating dtypes (autocast and
+    the modules' softmax make them differ from input's)."""
+    problem = tensor_problem("input", input, (4,)) or dcn_options_problem(
+        kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+        offset_scale, remove_center)
+    if problem is not None:
+        return problem
+    if not isinstance(softmax, bool):
+        return ArgumentTypeError(f"softmax must be a bool, got {softmax!r}")
+    n, h, w, c = input.shape
+    if c != group * group_channels:
+        return ArgumentError(f"input must have group * group_channels = {group} * {group_channels} = "
+                             f"{group * group_channels} channels (its last dimension: [N, H, W, C]), got input of "
+                             f"shape {tuple(input.shape)}")
+    if h == 0 or w == 0:
+        return ArgumentError(f"input must have at least one pixel, got input of shape {tuple(input.shape)}")
+    ho = (h + 2 * pad_h - (dilation_h * (kernel_h - 1) + 1)) // stride_h + 1
+    wo = (w + 2 * pad_w - (dilation_w * (kernel_w - 1) + 1)) // stride_w + 1
+    if ho < 1 or wo < 1:
+        return ArgumentError(f"the output would be {ho} x {wo} pixels: input of shape {tuple(input.shape)} is too "
+                             f"small for kernel {kernel_h} x {kernel_w}, dilation {dilation_h} x {dilation_w} and "
+                             f"padding {pad_h} x {pad_w}")
+    points = group * (kernel_h * kernel_w - remove_center)
+    if packed:
+        problem = like_input_problem("offset_mask", offset, input, (n, ho, wo, None), any_dtype=True)
+        if problem is None and offset.shape[-1] < 3 * points:
+            problem = ArgumentError(f"offset_mask must hold group * 3 * K = {3 * points} values a pixel (K = "
+                                    f"{points // group} points a group; padding after them is allowed), got "
+                                    f"{tuple(offset.shape)}")
+        return problem
+    return (like_input_problem("offset", offset, input, (n, ho, wo, 2 * points), any_dtype=True)
+            or like_input_problem("mask", mask, input, (n, ho, wo, points), any_dtype=True))
 
 # --- RoI pooling --------------------------------------------------------------------------------
 

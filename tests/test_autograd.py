@@ -266,3 +266,25 @@ def test_deform_conv2d_bias_gradient_from_the_weight_kernel():
         leaves["weight"].requires_grad_(not frozen_weight)
         _deform(stn_triton.deform_conv2d, leaves).backward(go)
         torch.testing.assert_close(leaves["bias"].grad, go.sum(dim=(0, 2, 3)))
+
+
+def test_a_call_after_a_transform_reuses_no_wrapped_table():
+    """The ops keep host-made tables on the device in caches (attention levels, DCNv3's taps, the
+    warps' zero fill). One made under torch.func.grad would be that transform's wrapper, and the
+    next plain call with the same arguments would get it: each runs under grad, then plainly."""
+    gen = generator(90)
+    shapes = [(2, 3)]
+    value, loc, weights = randn((1, 6, 1, 2), gen), rand((1, 3, 1, 1, 2, 2), gen, 0.0, 1.0), randn((1, 3, 1, 1, 2), gen)
+    src, M = randn((1, 2, 5, 6), gen), torch.tensor([[[1.0, 0.1, 0.5], [0.05, 0.9, -0.3]]], dtype=torch.float64,
+                                                    device=DEVICE)
+    x, offset, mask = randn((1, 3, 4, 2), gen), rand((1, 3, 4, 18), gen), rand((1, 3, 4, 9), gen)
+    calls = [
+        (lambda v: stn_triton.ms_deform_attn(v, shapes, None, loc, weights), value),
+        (lambda s: stn_triton.warp_affine(s, M, (4, 4), padding_mode="fill"), src),
+        (lambda i: stn_triton.dcnv3(i, offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, 1, 2, 1.0), x),
+    ]
+    for fn, input in calls:
+        transformed = grad(lambda t: fn(t).square().sum())(input)
+        leaf = _leaf(input)
+        (plain,) = torch.autograd.grad(fn(leaf).square().sum(), leaf)
+        assert_close_scaled(transformed, plain, 1e-12, "gradient")
