@@ -277,3 +277,29 @@ def test_blur_pools_take_the_compositions_dtype(ours_fn, window, padding_mode, i
     else:
         _assert_in_its_dtype(ours, theirs, reference)
         _assert_in_its_dtype(grad_x, their_grad_x, ref_grad_x, "grad input")
+
+
+@pytest.mark.parametrize("autocast_dtype", AUTOCAST_DTYPES)
+@pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
+def test_dcn_returns_the_inputs_dtype(packed, autocast_dtype):
+    """InternImage's and DCNv4's CUDA ops return the input's dtype inside autocast and read the
+    offsets and mask (float32 after the module's softmax) as they are; so does stn_triton."""
+    gen = generator(12)
+    x = randn((1, 4, 5, 4), gen, autocast_dtype)
+    if packed:
+        inputs = (x, rand((1, 4, 5, 56), gen, -2.0, 2.0, torch.float32))
+        fn = lambda a, om: stn_triton.dcnv4(a, om, 3, 3, 1, 1, 1, 1, 1, 1, 2, 2, 1.0)  # noqa: E731
+    else:
+        inputs = (x, rand((1, 4, 5, 36), gen, -2.0, 2.0, torch.float32), rand((1, 4, 5, 18), gen, 0.0, 1.0,
+                                                                              torch.float32))
+        fn = lambda a, o, m: stn_triton.dcnv3(a, o, m, 3, 3, 1, 1, 1, 1, 1, 1, 2, 2, 1.0)  # noqa: E731
+    with _autocast(DEVICE, autocast_dtype):
+        ours, grads, grad = _run(fn, inputs)
+    assert ours.dtype == autocast_dtype
+    assert [g.dtype for g in grads] == [t.dtype for t in inputs]
+    leaves = [_leaf(t.double()) for t in inputs]
+    reference = fn(*leaves)
+    tolerance = 2e-3 if autocast_dtype == torch.float16 else 1.6e-2
+    assert_close_scaled(ours.double(), reference.detach(), tolerance, "output")
+    for got, want in zip(grads, torch.autograd.grad(reference, leaves, grad.double())):
+        assert_close_scaled(got.double(), want, 4 * tolerance, "gradient")

@@ -57,6 +57,11 @@ def _cases():
                                                                                    torch.float64, CUDA))),
         "multi_scale_roi_align": (lambda a, b: stn_triton.multi_scale_roi_align(
             [a, b], [rois[:3, 1:] * 8, rois[3:, 1:] * 8], (2, 2), 2, [0.25, 0.125]), (x, x[:, :, ::2, ::2])),
+        "dcnv3": (lambda a, o, m: stn_triton.dcnv3(a, o, m, 3, 3, 2, 1, 1, 1, 1, 2, 2, 4, 0.5, True),
+                  (randn((2, 7, 9, 8), gen, torch.float64, CUDA), rand((2, 4, 5, 32), gen, -2, 2, torch.float64, CUDA),
+                   rand((2, 4, 5, 16), gen, 0, 1, torch.float64, CUDA))),
+        "dcnv4": (lambda a, om: stn_triton.dcnv4(a, om, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0, softmax=True),
+                  (randn((2, 7, 9, 8), gen, torch.float64, CUDA), rand((2, 7, 9, 56), gen, -2, 2, torch.float64, CUDA))),
         "blur_pool2d": (lambda a: stn_triton.blur_pool2d(a, 4, 2, "reflect"), (x,)),
         "max_blur_pool2d": (lambda a: stn_triton.max_blur_pool2d(a, 3, (2, 1), 2, padding_mode="replicate"),
                             (x.contiguous(memory_format=torch.channels_last),)),
@@ -66,7 +71,7 @@ def _cases():
 # The names of _cases(), whose tensors are built per test, on the GPU.
 IDS = ["grid_sample", "grid_sample-3d", "affine_grid", "affine_grid_sample", "affine_grid_sample-3d",
        "perspective_grid_sample", "tps_grid_sample", "warp_affine", "warp_perspective", "deform_conv2d",
-       "ms_deform_attn", "roi_align", "ps_roi_align", "deform_roi_pool", "multi_scale_roi_align", "blur_pool2d",
+       "ms_deform_attn", "roi_align", "ps_roi_align", "deform_roi_pool", "multi_scale_roi_align", "dcnv3", "dcnv4", "blur_pool2d",
        "max_blur_pool2d"]
 
 
@@ -166,6 +171,25 @@ def test_opcheck_ms_deform_attn_ops():
         for deterministic in (False, True):
             torch.library.opcheck(ops.attention_backward_op, (grad, value.detach(), *levels, loc.detach(), attn.detach(),
                                                               softmax, torch.float32, True, True, True, deterministic))
+
+
+def test_opcheck_dcn_ops():
+    from stn_triton.ops import dcnv3 as ops
+
+    gen = generator(26)
+    x = randn((2, 7, 9, 8), gen, torch.float32, CUDA).requires_grad_()
+    for packed in (False, True):
+        spec = ops.DcnSpec(3, 3, 2, 1, 1, 1, 1, 2, 2, 0.5, True, packed, packed, torch.float32)
+        width = 56 if packed else 32
+        offset = rand((2, 4, 5, width), gen, -2.0, 2.0, torch.float32, CUDA).requires_grad_()
+        mask = None if packed else rand((2, 4, 5, 16), gen, 0.0, 1.0, torch.float32, CUDA).requires_grad_()
+        tables = ops.tables(x, offset, mask, spec)
+        torch.library.opcheck(ops.dcn_op, (x, offset, mask, *tables, *spec.op_args()))
+        grad = randn((2, 4, 5, 8), gen, torch.float32, CUDA).requires_grad_()
+        for deterministic in (False, True):
+            torch.library.opcheck(ops.dcn_backward_op, (grad, x.detach(), offset.detach(),
+                                                        None if mask is None else mask.detach(), *tables,
+                                                        *spec.op_args(), True, True, not packed, deterministic))
 
 
 def test_opcheck_roi_pool_ops():

@@ -63,6 +63,9 @@ def _analyse() -> list[dict]:
     rois = torch.tensor([[0, 1.0, 2.0, 12.0, 10.0], [1, -2.0, 0.5, 6.0, 14.0], [1, 3.0, 3.0, 3.5, 3.2]])
     roi_offset = torch.randn(3, 2, 2, 2, generator=g, requires_grad=True)
     roi_mask = torch.rand(3, 1, 2, 2, generator=g, requires_grad=True)
+    dcn_offset = torch.randn(2, 4, 4, 32, generator=g, requires_grad=True)
+    dcn_mask = torch.rand(2, 4, 4, 16, generator=g, requires_grad=True)
+    dcn_offset_mask = torch.randn(2, 8, 8, 56, generator=g, requires_grad=True)
     calls = {
         "grid_sample": lambda: stn_triton.grid_sample(x, grid),
         "grid_sample bicubic": lambda: stn_triton.grid_sample(x, grid, mode="bicubic", padding_mode="border"),
@@ -83,6 +86,9 @@ def _analyse() -> list[dict]:
         "deform_roi_pool": lambda: stn_triton.deform_roi_pool(x, rois, roi_offset, (2, 2), 0.5, 2, 0.1, roi_mask),
         "multi_scale_roi_align": lambda: stn_triton.multi_scale_roi_align(
             [x, x[:, :, ::2, ::2]], [rois[:2, 1:] * 8, rois[2:, 1:] * 8], (2, 2), 2, [0.25, 0.125]),
+        "dcnv3": lambda: stn_triton.dcnv3(x.permute(0, 2, 3, 1), dcn_offset, dcn_mask, 3, 3, 2, 2, 1, 1, 1, 1, 2, 2,
+                                          1.0, True),
+        "dcnv4": lambda: stn_triton.dcnv4(x.permute(0, 2, 3, 1), dcn_offset_mask, 3, 3, 1, 1, 1, 1, 1, 1, 2, 2, 1.0),
         "blur_pool2d": lambda: stn_triton.blur_pool2d(x, 3, 2),
         "max_blur_pool2d": lambda: stn_triton.max_blur_pool2d(x, 3, 2, 2),
     }

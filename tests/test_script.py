@@ -38,6 +38,10 @@ def test_functions_script_and_equal_their_eager_calls():
         (stn_triton.warp_perspective, (x, torch.cat([M, M[:, :1] * 0 + torch.tensor([0.0, 0.0, 1.0], device=DEVICE)], 1),
                                        [5, 6])),
         (stn_triton.blur_pool2d, (x, 4, 1, "reflect")),
+        (stn_triton.dcnv3, (x.permute(0, 2, 3, 1), rand((2, 6, 7, 54), gen, -2.0, 2.0, torch.float32),
+                            rand((2, 6, 7, 27), gen, 0.0, 1.0, torch.float32), 3, 3, 1, 1, 1, 1, 1, 1, 3, 1, 1.0)),
+        (stn_triton.dcnv4, (x.permute(0, 2, 3, 1), rand((2, 6, 7, 24), gen, -2.0, 2.0, torch.float32), 3, 3, 1, 1,
+                            1, 1, 1, 1, 1, 3, 0.5, True, True)),
         (stn_triton.max_blur_pool2d, (x, [3, 2], [2, 1], [2, 3], False, "replicate")),
     ]
     for fn, args in calls:
@@ -131,3 +135,16 @@ def test_roi_ops_and_their_modules_script():
     ]
     for module, args in modules:
         torch.testing.assert_close(script(module)(*args), module(*args))
+
+
+def test_dcn_modules_script():
+    gen = generator(9)
+    for module, input, args in ((stn_triton.DCNv3(channels=8, group=2, center_feature_scale=True),
+                                 randn((2, 4, 5, 8), gen, torch.float32), ()),
+                                (stn_triton.DCNv4(channels=8, group=2, dw_kernel_size=3), randn((2, 20, 8), gen,
+                                                                                               torch.float32), ((4, 5),))):
+        module = module.to(DEVICE)
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.add_(0.2 * torch.randn_like(parameter))
+        torch.testing.assert_close(torch.jit.script(module)(input, *args), module(input, *args))
