@@ -13,6 +13,11 @@ of equal values the first in row-major order does (the gradient goes there).
 ``_blur_pool_kernel`` owns a ``[BLOCK_C, BLOCK_P]`` tile of one image's output (BLOCK_P output
 pixels in row-major order, BLOCK_C channels) and computes it in registers: the max windows, the
 taps and the stride, with only the strided output written; no padded or max-pooled copy exists.
+An output's taps read max-map rows (columns) that lie, after the padding folds them, in K
+consecutive ones (``footprint``), so its windows read a ``(KH + MH - 1) x (KW + MW - 1)`` block of
+the input: each element of that block is loaded once and the windows' maxima are taken from the
+registers (16 loads for a 3-tap blur over 2 x 2 maxima, not 9 x 4), and each of the K x K map
+elements is weighted by the taps that read it (``tap_weights``, as the backward does).
 Tiles are gathered as sampling.py gathers, so a warp runs along the pixels on NCHW memory and
 along the channels on channels_last memory. With ROUTE it returns, in place of each window's
 maximum, the value of a second tensor at the window's argmax: the blur of ``d`` routed through
@@ -53,6 +58,19 @@ def padded(q, size, PADDING: tl.constexpr):
 
 
 @triton.jit
+def tap_weights(o, r, size, S: tl.constexpr, K: tl.constexpr, PADDING: tl.constexpr):
+    """The summed unnormalized weight of the taps of output index ``o`` that read index ``r`` of an
+    axis of ``size`` (every tap the padding maps onto r)."""
+    weight = r * 0.0
+    a = 1.0
+    for i in tl.static_range(K):
+        q, _ = padded(o * S + (i - (K - 1) // 2), size, PADDING)
+        weight += tl.where(q == r, a, 0.0)
+        a = a * (K - 1 - i) / (i + 1)
+    return weight
+
+
+@triton.jit
 def program_tile(ROWS, COLS, C, INDEX_64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """This program's image n, BLOCK_P pixels (row, column) of a ROWS x COLS map in row-major order
     with their mask, and BLOCK_C channels with theirs: program_id(0) walks the images' pixel tiles,
@@ -65,24 +83,37 @@ def program_tile(ROWS, COLS, C, INDEX_64: tl.constexpr, BLOCK_C: tl.constexpr, B
 
 
 @triton.jit
-def window_max(x_c, d_c, rows, cols, sx_h, sx_w, sd_h, sd_w, mask,
-               MH: tl.constexpr, MW: tl.constexpr, ROUTE: tl.constexpr, F64: tl.constexpr):
-    """The max of each ``MH x MW`` window with top-left ``(rows, cols)`` [P], over channel pointers
-    ``x_c`` [C]; with ROUTE, d's value at the argmax instead. F.max_pool2d's rules: NaN wins, the
-    first of equal values in row-major order."""
-    best = to_compute(gather(x_c, rows * sx_h + cols * sx_w, mask), F64)
+def footprint(o, size, S: tl.constexpr, K: tl.constexpr, PADDING: tl.constexpr):
+    """The first of K consecutive max-map indices [P] that hold every tap of output index o [P] on
+    an axis of ``size``. The taps start at ``o * S - (K - 1) // 2``, and with zeros padding tap i is
+    that start + i (the compiler then sees which tap each index is). Reflection can fold a tap near
+    the far edge back below the start (one index below for an even K), so there the block ends at
+    ``size - 1``; it still holds every tap, as a folded index lies in [0, size) and no later than
+    start + K - 1."""
+    start = o * S - (K - 1) // 2
+    if PADDING != ZEROS:
+        start = tl.minimum(start, size - K)
+    return start
+
+
+@triton.jit
+def window_max(xs, ds, e: tl.constexpr, f: tl.constexpr, FW: tl.constexpr,
+               MH: tl.constexpr, MW: tl.constexpr, ROUTE: tl.constexpr):
+    """The max of the ``MH x MW`` window whose top-left is element (e, f) of the input block ``xs``
+    (a tuple of [C, P] values in row-major order, FW a row); with ROUTE, ``ds``'s value at the
+    argmax instead. F.max_pool2d's rules: NaN wins, the first of equal values in row-major order."""
+    best = xs[e * FW + f]
     picked = best
     if ROUTE:
-        picked = to_compute(gather(d_c, rows * sd_h + cols * sd_w, mask), F64)
+        picked = ds[e * FW + f]
     for u in tl.static_range(MH):
         for v in tl.static_range(MW):
             if u + v > 0:
-                value = to_compute(gather(x_c, (rows + u) * sx_h + (cols + v) * sx_w, mask), F64)
+                value = xs[(e + u) * FW + f + v]
                 take = (value > best) | (value != value)
                 best = tl.where(take, value, best)
                 if ROUTE:
-                    routed = to_compute(gather(d_c, (rows + u) * sd_h + (cols + v) * sd_w, mask), F64)
-                    picked = tl.where(take, routed, picked)
+                    picked = tl.where(take, ds[(e + u) * FW + f + v], picked)
     if ROUTE:
         return picked
     else:
@@ -112,38 +143,38 @@ def _blur_pool_kernel(
     WM = W - MW + 1
     x_c = x_ptr + n * sx_n + c * sx_c
     d_c = d_ptr + n * sd_n + c * sd_c
+    top = footprint(oh, HM, SH, KH, PADDING)
+    left = footprint(ow, WM, SW, KW, PADDING)
+    # The input block the windows read, each element once (x's, and with ROUTE d's).
+    FW: tl.constexpr = KW + MW - 1
+    xs = ()
+    ds = ()
+    for r in tl.static_range(KH + MH - 1):
+        row = top + r
+        for q in tl.static_range(FW):
+            col = left + q
+            reads = c_mask[:, None] & (p_mask & (row >= 0) & (row < H) & (col >= 0) & (col < W))[None, :]
+            xs = xs + (to_compute(gather(x_c, row * sx_h + col * sx_w, reads), F64),)
+            if ROUTE:
+                ds = ds + (to_compute(gather(d_c, row * sd_h + col * sd_w, reads), F64),)
     acc = to_compute(tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32), F64)
-    # The unnormalized tap weights C(K - 1, i), stepped along the taps (integers, exact in float32).
-    a = 1.0
-    for i in tl.static_range(KH):
-        rows, row_ok = padded(oh * SH + (i - (KH - 1) // 2), HM, PADDING)
-        b = 1.0
-        for j in tl.static_range(KW):
-            cols, col_ok = padded(ow * SW + (j - (KW - 1) // 2), WM, PADDING)
-            ok = p_mask & row_ok & col_ok
-            mask = c_mask[:, None] & ok[None, :]
-            value = window_max(x_c, d_c, rows, cols, sx_h, sx_w, sd_h, sd_w, mask, MH, MW, ROUTE, F64)
-            acc += tl.where(mask, value, 0.0) * (a * b)
-            b = b * (KW - 1 - j) / (j + 1)
-        a = a * (KH - 1 - i) / (i + 1)
+    for e in tl.static_range(KH):
+        # Map element (top + e, left + f), weighted by the summed unnormalized weights of the taps
+        # that read it (integers, exact).
+        rows = top + e
+        wy = tl.where((rows >= 0) & (rows < HM), tap_weights(oh, rows, HM, SH, KH, PADDING), 0.0)
+        for f in tl.static_range(KW):
+            cols = left + f
+            wx = tl.where((cols >= 0) & (cols < WM), tap_weights(ow, cols, WM, SW, KW, PADDING), 0.0)
+            w = to_compute(wy, F64) * to_compute(wx, F64)
+            # A map element no tap reads adds nothing (not 0 x its value, which is NaN for a NaN).
+            mask = c_mask[:, None] & (p_mask & (w != 0))[None, :]
+            acc += tl.where(mask, window_max(xs, ds, e, f, FW, MH, MW, ROUTE), 0.0) * w[None, :]
     # The binomial rows sum to 2^(K - 1): one exact power-of-two scale normalizes the weights.
     acc = acc * (1.0 / (2 ** (KH - 1) * 2 ** (KW - 1)))
     y_c = y_ptr + n * sy_n + c * sy_c
     out_mask = c_mask[:, None] & p_mask[None, :]
     scatter(y_c, oh * sy_h + ow * sy_w, acc.to(y_ptr.dtype.element_ty), out_mask)
-
-
-@triton.jit
-def tap_weights(o, r, size, S: tl.constexpr, K: tl.constexpr, PADDING: tl.constexpr):
-    """The summed unnormalized weight of the taps of output index ``o`` that read index ``r`` of an
-    axis of ``size`` (every tap the padding maps onto r)."""
-    weight = r * 0.0
-    a = 1.0
-    for i in tl.static_range(K):
-        q, _ = padded(o * S + (i - (K - 1) // 2), size, PADDING)
-        weight += tl.where(q == r, a, 0.0)
-        a = a * (K - 1 - i) / (i + 1)
-    return weight
 
 
 @triton.jit
