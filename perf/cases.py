@@ -31,11 +31,15 @@ import training
 from stn_triton import fallback
 from stn_triton.geometry import tps_radial
 from stn_triton.kernels import codes
+from stn_triton.ops.dcnv3 import DcnSpec
 from stn_triton.shapes import SHAPES, BenchShape
 from stn_triton.workloads import (
     affine_inputs,
     blur_inputs,
+    dcn_geometry,
     dcn_inputs,
+    dcnv3_inputs,
+    dcnv4_inputs,
     grid_inputs,
     homography_inputs,
     mask_target_inputs,
@@ -43,6 +47,8 @@ from stn_triton.workloads import (
     ours_affine_grid_sample,
     ours_affine_grid_then_sample,
     ours_blur_pool2d,
+    ours_dcnv3,
+    ours_dcnv4,
     ours_deform_conv2d,
     ours_grid_sample,
     ours_max_blur_pool2d,
@@ -522,6 +528,51 @@ def blur_case(case_id: str, shape: Shape) -> Case:
 # ---- training steps ------------------------------------------------------------------------------
 
 
+def _dcn_spec(input, groups, kernel, packed) -> DcnSpec:
+    """The DcnSpec of the cases' window (stride 1, "same" padding, offset_scale 1, no softmax)."""
+    return DcnSpec(*dcn_geometry(kernel), groups, 1.0, False, packed, False, input.dtype)
+
+
+def eager_dcnv3(input, offset, mask, weight, *, groups, kernel):
+    """InternImage's pure-PyTorch core (``dcnv3_core_pytorch``: the points of every output pixel,
+    one F.grid_sample of each group, the mask-weighted sum), stn_triton.fallback's: the sampled
+    points [N * G, Ho * Wo, K, D] written and read back. Half inputs run in float32, as InternImage's
+    core does under autocast (grid_sample is on autocast's float32 list)."""
+    return fallback.dcn_aggregate(input, offset, mask, _dcn_spec(input, groups, kernel, False))
+
+
+def eager_dcnv4(input, offset_mask, weight, *, groups, kernel):
+    """``eager_dcnv3`` reading DCNv4's packed offset_mask."""
+    return fallback.dcn_aggregate(input, offset_mask, None, _dcn_spec(input, groups, kernel, True))
+
+
+def depthwise_conv(input, weight, *, groups, kernel, **offsets):
+    """A depthwise k x k convolution of the same map (cuDNN, channels_last): the speed a fixed k x k
+    aggregation of every channel has, the bound a deformable one approaches."""
+    return F.conv2d(input.permute(0, 3, 1, 2), weight, padding=kernel // 2, groups=input.shape[-1]).permute(0, 2, 3, 1)
+
+
+def dcn_aggregate_case(case_id: str, shape: Shape) -> Case:
+    """DCNv3 / DCNv4 at an InternImage / FlashInternImage stage against the composition eager and
+    compiled, checked against it in float64, and against a depthwise convolution of the same map."""
+    packed = shape.op == "dcnv4"
+    reference, baselines = _eager_and_compile(eager_dcnv4 if packed else eager_dcnv3)
+    return Case(
+        op=shape.op,
+        case=case_id,
+        shape=shape,
+        smoke_shape=replace(shape, N=2, C=8, groups=2, size=(5, 6)),
+        make_inputs=dcnv4_inputs if packed else dcnv3_inputs,
+        ours=ours_dcnv4 if packed else ours_dcnv3,
+        shape_kwargs=("groups", "kernel"),
+        reference=reference,
+        baselines={**baselines, "depthwise_conv": Baseline(depthwise_conv)},
+        grad_inputs=("input", "offset_mask") if packed else ("input", "offset", "mask"),
+        layouts=(NHWC,),
+        passes=(FWD, FWD_BWD),
+    )
+
+
 def stn_step_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
     """input [N, C, H, W] images in [0, 1), target [N] class labels, and the classifier's initial
     state_dict (its own initialisation, the transformer's head moved off the identity)."""
@@ -641,6 +692,8 @@ BUILDERS: dict[str, Callable[[str, Shape], Case]] = {
     "multi_scale_roi_align": roi_case,
     "roi_align": mask_target_case,
     "blur_pool2d": blur_case,
+    "dcnv3": dcn_aggregate_case,
+    "dcnv4": dcn_aggregate_case,
     "max_blur_pool2d": blur_case,
     "SpatialTransformer": stn_step_case,
     "DeformConv2d": dcn_block_step_case,

@@ -7,6 +7,7 @@ matmul), as one would without this library. The transform math they share with t
 Shapes: input ``[N, C, H, W]`` (or ``[N, C, D, H, W]`` for the affine warp).
 """
 
+import functools
 import math
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from stn_triton.geometry import affine_to_homography, normalized_inverse_map, tps_coefficients, tps_radial
 from stn_triton.kernels import codes
 from stn_triton.numerics import compute_dtype
+from stn_triton.ops._dispatch import constant
 from stn_triton.ops._launch import channels_last
 
 # Normalized coordinates beyond this are replaced by it (NaN by its negative): far outside any
@@ -22,6 +24,21 @@ from stn_triton.ops._launch import channels_last
 COORD_LIMIT = 1.0e4
 # Adaptive RoI sample grids are capped at this many samples a side, as the kernels cap them.
 GRID_LIMIT = 2.0**24
+
+
+def host_table(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small tensor of host ``values`` on ``device``: cached in eager mode (a fresh ``torch.tensor``
+    on a GPU is a blocking host-to-device copy every call, which would make these compositions, the
+    perf suite's baselines, pay a synchronisation the library's kernels do not), plain while
+    torch.compile traces (it folds the constant into the graph)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_table(values, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return constant(values, dtype, device)
 
 
 def finite_grid(grid: torch.Tensor) -> torch.Tensor:
@@ -114,9 +131,8 @@ def _bilinear_gather(image: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> t
     forward difference, as in the kernels. Non-finite points read nothing.
     """
     b, c, h, w = image.shape
-    outside = torch.tensor(-4.0, dtype=y.dtype, device=y.device)
-    y = torch.where(torch.isfinite(y), y, outside).clamp(-4.0, h + 4.0)
-    x = torch.where(torch.isfinite(x), x, outside).clamp(-4.0, w + 4.0)
+    y = torch.where(torch.isfinite(y), y, -4.0).clamp(-4.0, h + 4.0)
+    x = torch.where(torch.isfinite(x), x, -4.0).clamp(-4.0, w + 4.0)
     y0, x0 = torch.floor(y), torch.floor(x)
     flat = image.reshape(b, c, h * w)
     out = 0
@@ -273,7 +289,7 @@ def roi_pool(input, rois, offset, mask, kind: int, output_size, spatial_scale, s
 
 def binomial_kernel(k: int, dtype: torch.dtype, device) -> torch.Tensor:
     """The normalized binomial (Pascal) taps ``C(k - 1, i) / 2^(k - 1)`` [k]."""
-    return torch.tensor([math.comb(k - 1, i) / 2 ** (k - 1) for i in range(k)], dtype=dtype, device=device)
+    return host_table(tuple(math.comb(k - 1, i) / 2 ** (k - 1) for i in range(k)), dtype, device)
 
 
 def blur_pool(input, kernel_size, stride, window, padding_mode: str, out_dtype: torch.dtype) -> torch.Tensor:
@@ -317,15 +333,15 @@ def dcn_aggregate(input, offset, mask, spec) -> torch.Tensor:
     weights = weights.to(dtype)
     if spec.softmax:
         weights = weights.softmax(-1)
-    taps = torch.tensor(spec.taps(), dtype=dtype, device=input.device)
+    taps = host_table(tuple(spec.taps()), dtype, input.device)
     xs = torch.arange(wo, dtype=dtype, device=input.device) * spec.stride_w + (
         spec.dilation_w * (spec.kernel_w - 1) // 2 - spec.pad_w)
     ys = torch.arange(ho, dtype=dtype, device=input.device) * spec.stride_h + (
         spec.dilation_h * (spec.kernel_h - 1) // 2 - spec.pad_h)
     centres = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[:, :, None, None]
     points = centres + spec.offset_scale * (taps + offsets.to(dtype))
-    size = torch.tensor([w, h], dtype=dtype, device=input.device)
-    grid = finite_grid((2 * points + 1) / size - 1).permute(0, 3, 1, 2, 4, 5).reshape(n * g, ho * wo, k, 2)
+    px, py = points.unbind(-1)
+    grid = finite_grid(torch.stack(((2 * px + 1) / w - 1, (2 * py + 1) / h - 1), -1)).permute(0, 3, 1, 2, 4, 5).reshape(n * g, ho * wo, k, 2)
     image = input.to(dtype).permute(0, 3, 1, 2).reshape(n * g, c // g, h, w)
     samples = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     weights = weights.permute(0, 3, 1, 2, 4).reshape(n * g, 1, ho * wo, k)

@@ -403,6 +403,7 @@ def dcnv4(input: torch.Tensor, offset_mask: torch.Tensor, kernel_h: int, kernel_
                 (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w), group, group_channels,
                 offset_scale, remove_center, softmax, True)
 
+
 def boxes_to_rois(boxes: Union[torch.Tensor, List[torch.Tensor]]) -> torch.Tensor:
     """torchvision's boxes as RoIs ``[K, 5]``: a tensor as it is, a list of ``[L_i, 4]`` tensors (one
     per image) concatenated behind a column of image indices in the boxes' dtype. Scriptable."""

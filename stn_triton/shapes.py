@@ -10,7 +10,9 @@ mask; multi-scale deformable attention has ``heads`` heads of C channels over ``
 pooling pools ``rois`` boxes per image from the FPN maps ``levels`` of an image of ``size``
 into ``out`` bins (op ``roi_align``: ``rois`` boxes in all from N single-level maps); blur pooling
 (``blur_pool2d``, ``max_blur_pool2d``) blurs with ``kernel`` binomial taps at stride 2, zero
-padding, after a 2 x 2 max at stride 1 for the max variant. The two training-step cases (op ``SpatialTransformer`` and ``DeformConv2d``) time a whole
+padding, after a 2 x 2 max at stride 1 for the max variant; DCNv3 / DCNv4 (``dcnv3``, ``dcnv4``)
+aggregate a dense [N, H, W, C] map in ``groups`` groups of C / groups channels over a ``kernel`` x
+``kernel`` window, stride 1, "same" padding, ``offset_scale`` 1. The two training-step cases (op ``SpatialTransformer`` and ``DeformConv2d``) time a whole
 step of a model, and their shape is that of the op inside it.
 """
 
@@ -34,6 +36,7 @@ class BenchShape:
     heads: int = 0  # attention heads (C is then the channels of one head)
     points: int = 0  # sampling points per head and level
     queries: int = 0  # queries per image
+    groups: int = 0  # DCNv3 / DCNv4: channel groups (C is all groups' channels together)
     rois: int = 0  # RoI pooling: RoIs per image (``size`` is then the image, ``levels`` its FPN maps)
     deterministic: bool = False  # fwd+bwd under torch.use_deterministic_algorithms(True)
     sweep: str | None = None  # "side" or "batch": a point of the scaling sweep, id sweep_<axis>_<value>
@@ -106,6 +109,14 @@ SHAPES: dict[str, BenchShape] = {
     **{f"{name}_r50_c{c}": BenchShape(op, 32, c, (side, side), kernel=3)
        for name, op in (("blur", "blur_pool2d"), ("maxblur", "max_blur_pool2d"))
        for c, side in ((64, 112), (256, 56), (512, 28))},
+    # FlashInternImage-T's DCNv4 at 224 x 224, batch 64: its four stages (56^2 x 64 ... 7^2 x 512) with
+    # InternImage's 16 channels a group, 3 x 3; and C = 512 at 14 x 14 (stage 4 of a 448 input).
+    **{f"dcnv4_flash_s{stage}": BenchShape("dcnv4", 64, c, (side, side), kernel=3, groups=c // 16)
+       for stage, c, side in ((1, 64, 56), (2, 128, 28), (3, 256, 14), (4, 512, 7))},
+    "dcnv4_c512_14": BenchShape("dcnv4", 64, 512, (14, 14), kernel=3, groups=32),
+    # InternImage-T's DCNv3 at the same shapes: stages 1 and 3.
+    "dcnv3_internimage_s1": BenchShape("dcnv3", 64, 64, (56, 56), kernel=3, groups=4),
+    "dcnv3_internimage_s3": BenchShape("dcnv3", 64, 256, (14, 14), kernel=3, groups=16),
     # The notebook's classifier (notebooks/stn_distorted_mnist.ipynb) on 42x42 digits, at batch 256.
     "stn_mnist_step": BenchShape("SpatialTransformer", 256, 1, (42, 42)),
     # A ResNet-50 bottleneck (1024 -> 256 -> 256 -> 1024) with a DCNv2 3x3 conv: dcn_r50's op in a block.

@@ -18,7 +18,7 @@ import torch
 from stn_triton import tuning
 from stn_triton.shapes import SHAPES, BenchShape
 from stn_triton.tuning import SHIPPED_TABLES, gpu_name, merge_into_table, user_table_dir
-from stn_triton.workloads import workload
+from stn_triton.workloads import SINGLE_LAYOUT, workload
 
 PASSES = ("fwd", "fwd+bwd", "fwd+bwd deterministic")
 
@@ -62,8 +62,11 @@ def tune(dtypes, layouts) -> dict:
     for dtype in dtypes:
         for layout in layouts:
             for name, run in _workloads(dtype, layout):
-                if dtype == torch.float16 and not name.startswith("dcn"):
+                op = SHAPES[name].op
+                if dtype == torch.float16 and op not in ("deform_conv2d", "DeformConv2d"):
                     continue  # float16 is tuned for deform_conv2d only, as the suite measures it
+                if op in SINGLE_LAYOUT and layout != layouts[0]:
+                    continue  # its inputs have one layout: tuned once
                 for pass_ in PASSES:
                     with tuning.recording() as winners:
                         _run_pass(run, pass_)

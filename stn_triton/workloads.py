@@ -16,6 +16,8 @@ from stn_triton.shapes import BenchShape
 Inputs = dict[str, torch.Tensor]
 Shape = BenchShape
 NCHW, NHWC = "nchw", "nhwc"
+# Ops whose inputs come in one layout (their make_inputs ignores ``layout``).
+SINGLE_LAYOUT = frozenset({"ms_deform_attn", "dcnv3", "dcnv4"})
 
 
 def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -243,6 +245,49 @@ def ours_max_blur_pool2d(input, *, kernel):
     return stn_triton.max_blur_pool2d(input, kernel, 2, 2)
 
 
+def dcnv3_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
+    """input [N, H, W, C] (dense channels-last, as InternImage's blocks pass it), offset [N, H, W,
+    G * K * 2] (about a pixel), mask [N, H, W, G * K] (softmaxed over each group's K points, as the
+    module does), and a depthwise weight [C, 1, k, k] for the depthwise-convolution baseline."""
+    batch, c, g, k = shape.N, shape.C, shape.groups, shape.kernel
+    height, width = shape.size
+    logits = torch.randn((batch, height, width, g, k * k), device=device, generator=gen)
+    return {
+        "input": randn((batch, height, width, c), dtype, device, gen),
+        "offset": randn((batch, height, width, g * k * k * 2), dtype, device, gen),
+        "mask": logits.softmax(-1).view(batch, height, width, g * k * k).to(dtype),
+        "weight": (randn((c, 1, k, k), torch.float32, device, gen) / k).to(dtype),
+    }
+
+
+def dcnv4_inputs(shape: Shape, dtype, device, layout, gen) -> Inputs:
+    """``dcnv3_inputs`` with offset and mask packed as DCNv4's offset_mask [N, H, W, L]: per group
+    its K * 2 offsets then its K mask values, L = G * 3 * K padded with zeros to a multiple of 8."""
+    inputs = dcnv3_inputs(shape, dtype, device, layout, gen)
+    batch, height, width, _ = inputs["input"].shape
+    g, k = shape.groups, shape.kernel * shape.kernel
+    packed = torch.cat((inputs.pop("offset").view(batch, height, width, g, 2 * k),
+                        inputs.pop("mask").view(batch, height, width, g, k)), -1).view(batch, height, width, 3 * g * k)
+    inputs["offset_mask"] = F.pad(packed, (0, -(3 * g * k) % 8))
+    return inputs
+
+
+def dcn_geometry(kernel: int) -> tuple[int, ...]:
+    """A k x k window at stride 1, "same" padding, dilation 1: (kernel_h, kernel_w, stride_h, stride_w,
+    pad_h, pad_w, dilation_h, dilation_w)."""
+    return kernel, kernel, 1, 1, kernel // 2, kernel // 2, 1, 1
+
+
+def ours_dcnv3(input, offset, mask, weight, *, groups, kernel):
+    """InternImage's DCNv3 core: offset_scale 1 (``weight`` is the depthwise baseline's)."""
+    return stn_triton.dcnv3(input, offset, mask, *dcn_geometry(kernel), groups, input.shape[-1] // groups, 1.0)
+
+
+def ours_dcnv4(input, offset_mask, weight, *, groups, kernel):
+    """FlashInternImage's DCNv4 core: offset_scale 1, no softmax (``weight`` is the depthwise baseline's)."""
+    return stn_triton.dcnv4(input, offset_mask, *dcn_geometry(kernel), groups, input.shape[-1] // groups, 1.0)
+
+
 def workload(shape: BenchShape):
     """(make_inputs, call, grad_inputs) of the stn_triton op a benchmark shape times: ``call(**inputs)``
     returns its output, ``grad_inputs`` the inputs a backward takes gradients of. A training-step
@@ -275,4 +320,10 @@ def workload(shape: BenchShape):
         return blur_inputs, functools.partial(ours_blur_pool2d, kernel=shape.kernel), ("input",)
     if op == "max_blur_pool2d":
         return blur_inputs, functools.partial(ours_max_blur_pool2d, kernel=shape.kernel), ("input",)
+    if op == "dcnv3":
+        return (dcnv3_inputs, functools.partial(ours_dcnv3, groups=shape.groups, kernel=shape.kernel),
+                ("input", "offset", "mask"))
+    if op == "dcnv4":
+        return (dcnv4_inputs, functools.partial(ours_dcnv4, groups=shape.groups, kernel=shape.kernel),
+                ("input", "offset_mask"))
     raise ValueError(f"no workload for op {op!r}")

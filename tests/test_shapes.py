@@ -62,3 +62,14 @@ def test_tune_runs_the_perf_cases_own_inputs_and_calls(perf_cases):
         assert case.make_inputs is make_inputs, case.case
         assert _function(case.ours) is _function(call), case.case
         assert set(grad_inputs) <= set(case.grad_inputs), case.case
+
+
+def test_single_layout_ops_are_measured_and_tuned_in_one_layout(perf_cases):
+    """tune runs an op of workloads.SINGLE_LAYOUT once per dtype: its cases must have one layout."""
+    from stn_triton.workloads import SINGLE_LAYOUT
+
+    ops = {case.op for case in perf_cases.CASES}
+    assert SINGLE_LAYOUT <= ops
+    for case in perf_cases.CASES:
+        if case.op in SINGLE_LAYOUT:
+            assert len(case.layouts) == 1, case.case
