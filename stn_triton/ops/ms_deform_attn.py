@@ -132,10 +132,13 @@ CONFIGS = [triton.Config({"BLOCK_Q": q, "BLOCK_D": d}, num_warps=w)
 
 def heuristic(channels: int, rows: int, backward: bool, device: torch.device) -> triton.Config:
     """A head's channels along a warp (vectors along D, up to 128 at a time), 1024 tile elements per
-    step in the forward and 512 in the backward (which holds four tiles), on 4 warps; fewer queries
-    per program (down to 16) while that leaves fewer than four programs per SM."""
+    step in the forward and 512 in the backward (which holds four tiles), on 4 warps, at most 32
+    queries (a narrower head gets fewer elements: more queries per thread cost registers for no more
+    loads in flight per SM; the forward at 64 x 16 in float32 takes 85, and spills with triton 3.6,
+    where 32 x 16 takes 56 / 48); fewer queries per program (down to 16) while that leaves fewer
+    than four programs per SM."""
     block_d = max(8, min(next_power_of_2(channels), 128))
-    block_q = max((512 if backward else 1024) // block_d, 8)
+    block_q = max(min((512 if backward else 1024) // block_d, 32), 8)
     while block_q > 16 and cdiv(rows, block_q) < 4 * multiprocessors(device):
         block_q //= 2
     return triton.Config({"BLOCK_Q": block_q, "BLOCK_D": block_d}, num_warps=4)
