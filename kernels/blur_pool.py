@@ -27,6 +27,9 @@ x's argmaxes, which is the forward-mode tangent and the backward's own gradient.
 pixels and each pixel sums, in a fixed order, the gradient of every max window holding it whose
 argmax (recomputed from x) it is; a window's gradient is in turn gathered from the output
 pixels whose taps read it, with the weights summed over every tap that the padding maps onto it.
+The windows share their reads: a pixel loads the ``(2 MH - 1) x (2 MW - 1)`` input block of its
+windows and the grad_output block of all their outputs once each (9 + 9 loads for a 3-tap blur
+over 2 x 2 maxima, where each window read its own 4 + 4).
 Every element of grad_input is written once: no atomics, bitwise the same on every run.
 """
 
@@ -177,28 +180,6 @@ def _blur_pool_kernel(
     scatter(y_c, oh * sy_h + ow * sy_w, acc.to(y_ptr.dtype.element_ty), out_mask)
 
 
-@triton.jit
-def window_grad(gy_c, r, col, valid_r, valid_c, mask, OH, OW, HM, WM, sg_h, sg_w,
-                KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                TH: tl.constexpr, TW: tl.constexpr, LIFT_H: tl.constexpr, LIFT_W: tl.constexpr,
-                PADDING: tl.constexpr, F64: tl.constexpr):
-    """The unnormalized gradient of max-map element (r, col) [P]: grad_output gathered from the TH x TW
-    output pixels whose taps can read it (the highest ``(r + PT) // SH + LIFT`` and the ones below)."""
-    top = (r + (KH - 1) // 2) // SH + LIFT_H
-    left = (col + (KW - 1) // 2) // SW + LIFT_W
-    total = to_compute(tl.zeros(mask.shape, dtype=tl.float32), F64)
-    for t in tl.static_range(TH):
-        oh = top - t
-        wy = tl.where(valid_r & (oh >= 0) & (oh < OH), tap_weights(oh, r, HM, SH, KH, PADDING), 0.0)
-        for s in tl.static_range(TW):
-            ow = left - s
-            wx = tl.where(valid_c & (ow >= 0) & (ow < OW), tap_weights(ow, col, WM, SW, KW, PADDING), 0.0)
-            w = wy * wx
-            g = to_compute(gather(gy_c, oh * sg_h + ow * sg_w, mask & (w != 0)[None, :]), F64)
-            total += g * w[None, :]
-    return total
-
-
 @triton.jit(do_not_specialize=SIZES)
 def _blur_pool_bwd_kernel(
     x_ptr,  # [N, C, H, W] input (any strides): the max windows' argmaxes are recomputed from it
@@ -221,30 +202,58 @@ def _blur_pool_bwd_kernel(
     WM = W - MW + 1
     x_c = x_ptr + n * sx_n + c * sx_c
     gy_c = gy_ptr + n * sg_n + c * sg_c
+    # The input block of every max window holding this pixel, each element loaded once, with each
+    # element's index in it (the windows' argmaxes are taken from the registers as the forward's).
+    FW: tl.constexpr = 2 * MW - 1
+    xs = ()
+    ids = ()
+    if MH * MW > 1:
+        for u in tl.static_range(2 * MH - 1):
+            row = r - (MH - 1) + u
+            for v in tl.static_range(FW):
+                cl = col - (MW - 1) + v
+                reads = c_mask[:, None] & (p_mask & (row >= 0) & (row < H) & (cl >= 0) & (cl < W))[None, :]
+                xs = xs + (to_compute(gather(x_c, row * sx_h + cl * sx_w, reads), F64),)
+                ids = ids + (tl.full([BLOCK_C, BLOCK_P], u * FW + v, tl.int32),)
+    # grad_output of every output pixel whose taps can read one of those windows' map elements, each
+    # loaded once: the TH x TW outputs of the window at (r, col) and, as windows further up (left)
+    # reach ceil((M - 1) / S) output rows (columns) higher, those above (left of) them.
+    UH: tl.constexpr = TH + (MH + SH - 2) // SH
+    UW: tl.constexpr = TW + (MW + SW - 2) // SW
+    top = (r + (KH - 1) // 2) // SH + LIFT_H
+    left = (col + (KW - 1) // 2) // SW + LIFT_W
+    gys = ()
+    for t in tl.static_range(UH):
+        oh = top - t
+        for s in tl.static_range(UW):
+            ow = left - s
+            reads = c_mask[:, None] & (p_mask & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW))[None, :]
+            gys = gys + (to_compute(gather(gy_c, oh * sg_h + ow * sg_w, reads), F64),)
     acc = to_compute(tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32), F64)
     for a in tl.static_range(MH):
+        # The window with top-left (r - a, col - b) holds this pixel at (a, b).
+        wr = r - a
+        valid_r = (wr >= 0) & (wr < HM)
         for b in tl.static_range(MW):
-            # The window with top-left (r - a, col - b) holds this pixel at (a, b).
-            wr = r - a
             wc = col - b
-            valid_r = (wr >= 0) & (wr < HM)
             valid_c = (wc >= 0) & (wc < WM)
-            mask = c_mask[:, None] & (p_mask & valid_r & valid_c)[None, :]
-            hit = mask
+            hit = c_mask[:, None] & (p_mask & valid_r & valid_c)[None, :]
             if MH * MW > 1:
-                best = to_compute(gather(x_c, wr * sx_h + wc * sx_w, mask), F64)
-                arg = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.int32)
-                for u in tl.static_range(MH):
-                    for v in tl.static_range(MW):
-                        if u + v > 0:
-                            value = to_compute(gather(x_c, (wr + u) * sx_h + (wc + v) * sx_w, mask), F64)
-                            take = (value > best) | (value != value)
-                            best = tl.where(take, value, best)
-                            arg = tl.where(take, u * MW + v, arg)
-                hit = mask & (arg == a * MW + b)
-            g = window_grad(gy_c, wr, wc, valid_r, valid_c, hit, OH, OW, HM, WM, sg_h, sg_w,
-                            KH, KW, SH, SW, TH, TW, LIFT_H, LIFT_W, PADDING, F64)
-            acc += tl.where(hit, g, 0.0)
+                arg = window_max(xs, ids, MH - 1 - a, MW - 1 - b, FW, MH, MW, True)
+                hit = hit & (arg == (MH - 1) * FW + MW - 1)
+            # The window's map element's gradient: grad_output weighted by the summed unnormalized
+            # weights of the taps that read it (0 for the outputs none of whose taps does).
+            total = to_compute(tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32), F64)
+            for t in tl.static_range(UH):
+                oh = top - t
+                wy = tl.where(valid_r & (oh >= 0) & (oh < OH), tap_weights(oh, wr, HM, SH, KH, PADDING), 0.0)
+                for s in tl.static_range(UW):
+                    ow = left - s
+                    wx = tl.where(valid_c & (ow >= 0) & (ow < OW), tap_weights(ow, wc, WM, SW, KW, PADDING), 0.0)
+                    w = to_compute(wy * wx, F64)
+                    # An output no tap of which reads the element adds nothing (not 0 x a NaN).
+                    total += tl.where((w != 0)[None, :], gys[t * UW + s] * w[None, :], 0.0)
+            acc += tl.where(hit, total, 0.0)
     acc = acc * (1.0 / (2 ** (KH - 1) * 2 ** (KW - 1)))
     gx_c = gx_ptr + n * sgx_n + c * sgx_c
     scatter(gx_c, r * sgx_h + col * sgx_w, acc.to(gx_ptr.dtype.element_ty), c_mask[:, None] & p_mask[None, :])

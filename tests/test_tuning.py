@@ -347,9 +347,11 @@ def test_every_heuristic_picks_a_config_of_its_space():
             for tuned in (roi.fwd_kernel, roi.bwd_kernel, roi.pixels_kernel):
                 assert _in_space(tuned.heuristic(channels=channels, nhwc=nhwc), tuned), (tuned.name, channels, nhwc)
                 checked.add(tuned.name)
-            for tuned in (blur_pool.fwd_kernel, blur_pool.bwd_kernel):
-                assert _in_space(tuned.heuristic(channels=channels, nhwc=nhwc), tuned), (tuned.name, channels, nhwc)
-                checked.add(tuned.name)
+            assert _in_space(blur_pool.fwd_kernel.heuristic(channels=channels, nhwc=nhwc), blur_pool.fwd_kernel)
+            for windows in (1, 4, 9):
+                config = blur_pool.bwd_kernel.heuristic(channels=channels, nhwc=nhwc, windows=windows)
+                assert _in_space(config, blur_pool.bwd_kernel), (channels, nhwc, windows)
+            checked.update((blur_pool.fwd_kernel.name, blur_pool.bwd_kernel.name))
     assert checked == {kernel.name for kernel in tuning.REGISTRY}, "every tuned kernel's heuristic is checked"
 
 
