@@ -6,6 +6,7 @@ BlurPool composition (its padding layer, then the depthwise convolution) as they
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -280,6 +281,13 @@ def test_equals_kornia(k, s, m, dtype):
     module = stn_triton.MaxBlurPool2d(k, s, m) if m > 1 else stn_triton.BlurPool2d(k, s)
     theirs = kornia_filters.MaxBlurPool2D(k, s, m) if m > 1 else kornia_filters.BlurPool2D(k, s)
     assert_close_scaled(module(x), theirs(x), tol, "module")
+    if m > 1:  # ceil_mode: kornia passes it to its stride-1 max pooling, where it changes nothing
+        ceil = stn_triton.max_blur_pool2d(x, kernel_size=k, stride=s, max_pool_size=m, ceil_mode=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # newer kornia deprecates the argument
+            theirs = kornia_filters.max_blur_pool2d(x, kernel_size=k, stride=s, max_pool_size=m, ceil_mode=True)
+        assert ceil.shape == theirs.shape
+        assert_close_scaled(ceil, theirs, tol, "ceil_mode")
 
 
 def antialiased_cnns_blurpool(x, filt_size, stride, pad_type):

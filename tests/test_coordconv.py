@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import stn_triton
-from conftest import DEVICE, assert_close_scaled, generator, randn
+from conftest import DEVICE, assert_close_scaled, deterministic_algorithms, generator, randn
 
 
 def paper_channels(n, h, w, with_r, dtype):
@@ -84,15 +84,58 @@ def test_a_hand_made_case():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_every_dtype_and_channels_last(dtype):
+    """Output and gradients (input, weight, bias) in the module's dtype, against the float64
+    concatenation; a channels_last input gives a channels_last output and gradient."""
     case = CASES[2]
     module = build(case, dtype)
-    x = randn((case["n"], case["c"], *case["size"]), generator(2), dtype).contiguous(memory_format=torch.channels_last)
-    out = module(x)
-    assert out.dtype == dtype
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    expected = concatenation(module.double(), x.double())
+    gen = generator(2)
+    x = randn((case["n"], case["c"], *case["size"]), gen, dtype).contiguous(memory_format=torch.channels_last)
+    grad_output = randn((3, 5, 5, 6), gen, dtype)
+    got = grads(lambda m, i: m(i), module, x, grad_output)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert got[1].is_contiguous(memory_format=torch.channels_last)
+    reference = build(case)
+    reference.load_state_dict(module.state_dict())
+    expected = grads(concatenation, reference, x.double(), grad_output.double())
     tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
-    assert_close_scaled(out.double(), expected, tol, "output")
+    for what, a, b in zip(["output", "grad input", "grad weight", "grad bias"], got, expected):
+        assert a.dtype == dtype, what
+        assert_close_scaled(a.double(), b, tol, what)
+
+
+def test_a_strided_view_equals_its_contiguous_copy():
+    module = build(CASES[1])
+    wide = randn((2, 3, 7, 10), generator(7))
+    view = wide[..., ::2]
+    direction = randn((2, 5, 7, 5), generator(8))
+    for what, a, b in zip(["output", "grad input", "grad weight", "grad bias"],
+                          grads(lambda m, i: m(i), module, view, direction),
+                          grads(lambda m, i: m(i), module, view.contiguous(), direction)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=what)
+
+
+def test_compiles_fullgraph_to_the_eager_result():
+    """Dynamo traces the module in one graph (no break at the coordinate map) and AOT autograd's
+    forward and backward give the eager values."""
+    module = build(CASES[2])
+    x = randn((3, 4, 9, 11), generator(9))
+    direction = randn((3, 5, 5, 6), generator(10))
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    for what, a, b in zip(["output", "grad input", "grad weight", "grad bias"],
+                          grads(lambda m, i: compiled(i), module, x, direction),
+                          grads(lambda m, i: m(i), module, x, direction)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=what)
+
+
+def test_backward_repeats_bitwise_under_deterministic_algorithms():
+    module = build(CASES[1], torch.float32)
+    x = randn((2, 3, 7, 5), generator(11), torch.float32)
+    direction = randn((2, 5, 7, 5), generator(12), torch.float32)
+    with deterministic_algorithms():
+        first = grads(lambda m, i: m(i), module, x, direction)
+        again = grads(lambda m, i: m(i), module, x, direction)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
 
 
 def test_autocast_returns_what_the_concatenation_returns():

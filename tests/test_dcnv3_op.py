@@ -107,6 +107,51 @@ def test_a_centre_tap_with_a_unit_offset_reads_the_next_pixel():
     assert below.tolist() == [[2, 3, 4, 5], [6, 7, 8, 9], [4, 4.5, 5, 5.5]]
 
 
+
+def _one_point(point: int, points: int, size=(3, 5)):
+    """An arange image [1, H, W, 1] (value 5 y + x), zero offsets and a mask keeping one point."""
+    x = torch.arange(size[0] * size[1], dtype=torch.float64, device=DEVICE).view(1, *size, 1)
+    offset = torch.zeros(1, *size, 2 * points, dtype=torch.float64, device=DEVICE)
+    mask = torch.zeros(1, *size, points, dtype=torch.float64, device=DEVICE)
+    mask[..., point] = 1
+    return x, offset, mask
+
+
+def test_by_hand_the_tap_order_dilation_offset_scale_and_remove_center():
+    """By hand, through the public op, on a 3 x 5 image of value 5 y + x, a 3x3 kernel with
+    dilation_w 2 (pad 1, 2: the output keeps the size): the points run x-major, so point 1 is
+    column 0, row 1 (2 pixels left, x = col - 2) and point 3 is column 1, row 0 (one row up);
+    offset_scale 0.5 scales the kernel's reach (point 5, one row down, reads half a row down); with
+    remove_center the centre is dropped from that order, so point 4 is column 1, row 2."""
+    geometry = dict(kernel_h=3, kernel_w=3, stride_h=1, stride_w=1, pad_h=1, pad_w=2, dilation_h=1, dilation_w=2,
+                    group=1, group_channels=1)
+    x, offset, mask = _one_point(1, 9)
+    left = stn_triton.dcnv3(x, offset, mask, offset_scale=1.0, **geometry)[0, :, :, 0]
+    assert left.tolist() == [[0, 0, 0, 1, 2], [0, 0, 5, 6, 7], [0, 0, 10, 11, 12]]
+    x, offset, mask = _one_point(3, 9)
+    up = stn_triton.dcnv3(x, offset, mask, offset_scale=1.0, **geometry)[0, :, :, 0]
+    assert up.tolist() == [[0, 0, 0, 0, 0], [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    x, offset, mask = _one_point(5, 9)
+    half = stn_triton.dcnv3(x, offset, mask, offset_scale=0.5, **geometry)[0, :, :, 0]
+    assert half.tolist() == [[2.5, 3.5, 4.5, 5.5, 6.5], [7.5, 8.5, 9.5, 10.5, 11.5], [5, 5.5, 6, 6.5, 7]]
+    x, offset, mask = _one_point(4, 8)
+    down = stn_triton.dcnv3(x, offset, mask, offset_scale=1.0, remove_center=True, **geometry)[0, :, :, 0]
+    assert down.tolist() == [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14], [0, 0, 0, 0, 0]]
+
+
+def test_by_hand_dcnv4_packs_each_group_s_offsets_then_its_mask():
+    """Two groups of one channel, a 1x1 kernel (K = 1): group 0's row is (x, y, mask) at positions
+    0-2 and group 1's at 3-5, then padding up to 8 that is never read. Group 0 moves one pixel
+    right with weight 2, group 1 one row down with weight 1; NaN in the padding changes nothing."""
+    x = torch.arange(15, dtype=torch.float64, device=DEVICE).view(1, 3, 5, 1).expand(1, 3, 5, 2).contiguous()
+    offset_mask = torch.zeros(1, 3, 5, 8, dtype=torch.float64, device=DEVICE)
+    offset_mask[..., 0], offset_mask[..., 2] = 1, 2
+    offset_mask[..., 4], offset_mask[..., 5] = 1, 1
+    offset_mask[..., 6:] = float("nan")
+    out = stn_triton.dcnv4(x, offset_mask, 1, 1, 1, 1, 0, 0, 1, 1, group=2, group_channels=1, offset_scale=1.0)
+    assert out[0, :, :, 0].tolist() == [[2, 4, 6, 8, 0], [12, 14, 16, 18, 0], [22, 24, 26, 28, 0]]
+    assert out[0, :, :, 1].tolist() == [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14], [0, 0, 0, 0, 0]]
+
 def test_strided_inputs_are_read_as_they_are():
     """An NCHW-strided input and a sliced offset give the contiguous result."""
     spec, x, offset, mask = _case(GEOMETRIES[0].values[0], False, False, 5)
@@ -115,6 +160,27 @@ def test_strided_inputs_are_read_as_they_are():
     torch.testing.assert_close(dcn_aggregate(strided, wide, mask, spec), dcn_aggregate(x, offset, mask, spec),
                                atol=0, rtol=0)
 
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
+def test_the_kernel_reads_nhwc_and_nchw_strided_inputs_in_place(packed, monkeypatch):
+    """The tensors the attention kernel gets are views of the caller's: no copy of a dense NHWC
+    input, of an NCHW-strided one or of the offsets (DCNv4's padded offset_mask included)."""
+    import stn_triton.ops.dcnv3 as dcnv3_op
+
+    seen = []
+    real = dcnv3_op.attention_forward
+
+    def recording(value, shapes, starts, points, loc, attn, *rest, **options):
+        seen.append((value.data_ptr(), loc.data_ptr()))
+        return real(value, shapes, starts, points, loc, attn, *rest, **options)
+
+    monkeypatch.setattr(dcnv3_op, "attention_forward", recording)
+    spec, x, offset, mask = _case(GEOMETRIES[0].values[0], packed, False, 9)
+    strided = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    for tensor in (x, strided):
+        dcn_aggregate(tensor, offset, mask, spec)
+        assert seen.pop() == (tensor.data_ptr(), offset.data_ptr())
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
 def test_deterministic_backward_repeats_bitwise_and_matches_the_atomic_one(packed):
@@ -135,6 +201,8 @@ def test_non_finite_offsets_read_nothing():
     offset[0, 1, 2, :2] = float("nan")
     offset[1, 0, 0, 2:4] = float("inf")
     offset[1, 2, 3, 4:6] = -1e30
-    out = dcn_aggregate(x, offset, mask, spec)
-    torch.testing.assert_close(out.cpu(), reference(x, offset.nan_to_num(nan=1e30), mask, spec), atol=1e-12,
-                               rtol=1e-12)
+    leaves = [t.requires_grad_() for t in (x, offset, mask)]
+    out = dcn_aggregate(*leaves, spec)
+    torch.testing.assert_close(out.detach().cpu(), reference(x.detach(), offset.detach().nan_to_num(nan=1e30),
+                                                             mask.detach(), spec), atol=1e-12, rtol=1e-12)
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.sum(), leaves))
