@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import stn_triton
+import stn_triton.ops.dcnv3 as dcnv3_op
 from conftest import DEVICE, deterministic_algorithms, generator, rand, randn
 from stn_triton.ops.dcnv3 import DcnSpec, dcn_aggregate
 
@@ -107,7 +108,6 @@ def test_a_centre_tap_with_a_unit_offset_reads_the_next_pixel():
     assert below.tolist() == [[2, 3, 4, 5], [6, 7, 8, 9], [4, 4.5, 5, 5.5]]
 
 
-
 def _one_point(point: int, points: int, size=(3, 5)):
     """An arange image [1, H, W, 1] (value 5 y + x), zero offsets and a mask keeping one point."""
     x = torch.arange(size[0] * size[1], dtype=torch.float64, device=DEVICE).view(1, *size, 1)
@@ -152,6 +152,7 @@ def test_by_hand_dcnv4_packs_each_group_s_offsets_then_its_mask():
     assert out[0, :, :, 0].tolist() == [[2, 4, 6, 8, 0], [12, 14, 16, 18, 0], [22, 24, 26, 28, 0]]
     assert out[0, :, :, 1].tolist() == [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14], [0, 0, 0, 0, 0]]
 
+
 def test_strided_inputs_are_read_as_they_are():
     """An NCHW-strided input and a sliced offset give the contiguous result."""
     spec, x, offset, mask = _case(GEOMETRIES[0].values[0], False, False, 5)
@@ -161,13 +162,10 @@ def test_strided_inputs_are_read_as_they_are():
                                atol=0, rtol=0)
 
 
-
 @pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
 def test_the_kernel_reads_nhwc_and_nchw_strided_inputs_in_place(packed, monkeypatch):
     """The tensors the attention kernel gets are views of the caller's: no copy of a dense NHWC
     input, of an NCHW-strided one or of the offsets (DCNv4's padded offset_mask included)."""
-    import stn_triton.ops.dcnv3 as dcnv3_op
-
     seen = []
     real = dcnv3_op.attention_forward
 
@@ -181,6 +179,7 @@ def test_the_kernel_reads_nhwc_and_nchw_strided_inputs_in_place(packed, monkeypa
     for tensor in (x, strided):
         dcn_aggregate(tensor, offset, mask, spec)
         assert seen.pop() == (tensor.data_ptr(), offset.data_ptr())
+
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
 def test_deterministic_backward_repeats_bitwise_and_matches_the_atomic_one(packed):
